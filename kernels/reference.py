@@ -1,0 +1,73 @@
+"""Plain-torch reference implementations: the CPU path and the oracle every Triton kernel is tested against.
+
+All math runs in fp32 and results are cast back to the input dtype, which matches HF transformers' fp32
+reference to the bit for fp32 inputs.
+"""
+import torch
+import torch.nn.functional as F
+
+from kvserve.kernels.metadata import AttentionMetadata
+
+
+def store_kvcache_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor) -> None:
+    """k, v: [T, Hkv, D] -> caches [num_blocks, block_size, Hkv, D] at flat slots (slot < 0: skipped)."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` positions of one sequence's K or V: [length, Hkv, D]."""
+    block_size = cache.shape[1]
+    n_blocks = (length + block_size - 1) // block_size
+    return cache[block_table[:n_blocks].long()].flatten(0, 1)[:length]
+
+
+def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [T, Hq, D] -> [T, Hq, D]; GQA by repeating each KV head over Hq // Hkv query heads."""
+    out = torch.empty_like(q)
+    n_rep = q.shape[1] // k_cache.shape[2]
+    cu = meta.cu_seqlens_q_cpu
+    for s, ctx in enumerate(meta.seq_lens_cpu):
+        lo, hi = cu[s], cu[s + 1]
+        q_len = hi - lo
+        k = gather_kv(k_cache, meta.block_tables[s], ctx).float().repeat_interleave(n_rep, dim=1)
+        v = gather_kv(v_cache, meta.block_tables[s], ctx).float().repeat_interleave(n_rep, dim=1)
+        qs = q[lo:hi].float()
+        scores = torch.einsum("qhd,khd->hqk", qs, k) * scale
+        q_pos = torch.arange(ctx - q_len, ctx, device=q.device)
+        k_pos = torch.arange(ctx, device=q.device)
+        scores.masked_fill_(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[lo:hi] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
+    return out
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """HF's RMSNorm; with `residual`, adds it first and also returns the sum (the new residual)."""
+    dtype = x.dtype
+    if residual is not None:
+        x = (x.float() + residual.float()).to(dtype)
+        residual = x
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    out = weight * h.to(dtype)
+    return out if residual is None else (out, residual)
+
+
+def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Neox-style (rotate-half) rotary. x: [T, H, D]; cos, sin: [T, D // 2] for the tokens' positions."""
+    d2 = x.shape[-1] // 2
+    x1, x2 = x[..., :d2].float(), x[..., d2:].float()
+    c, s = cos[:, None, :].float(), sin[:, None, :].float()
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    """x: [T, 2I] (gate then up) -> silu(gate) * up: [T, I]."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up

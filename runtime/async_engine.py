@@ -1,0 +1,140 @@
+"""AsyncEngine: the Engine on a background thread, with an async stream of output deltas per request.
+
+The engine thread owns all scheduler state. Event loops talk to it through a thread-safe inbox (adds and
+aborts) and receive deltas through per-request asyncio queues filled with call_soon_threadsafe. Model
+compute releases the GIL, so the serving loop stays responsive during a step.
+"""
+import asyncio
+import logging
+import queue
+import threading
+from typing import AsyncIterator, Callable
+
+from kvserve.runtime.config import EngineConfig
+from kvserve.runtime.engine import Engine
+from kvserve.runtime.outputs import RequestOutput
+from kvserve.runtime.sampling_params import SamplingParams
+from kvserve.runtime.stats import EngineStats, StepStats
+
+log = logging.getLogger("kvserve.engine")
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class _Stream:
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, stat_loggers: list[Callable[[StepStats], None]] = ()):
+        self.engine = Engine(config)
+        self.config = config
+        self.tokenizer = self.engine.tokenizer
+        self.stat_loggers = list(stat_loggers)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._stats = self.engine.stats()
+        self.dead_error: BaseException | None = None
+
+    @property
+    def errored(self) -> bool:
+        return self.dead_error is not None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    # -- the engine thread ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop:
+                self._drain_inbox()
+                if not self.engine.has_unfinished():
+                    self._stats = self.engine.stats()
+                    self._wake.wait(timeout=1.0)
+                    self._wake.clear()
+                    continue
+                outputs, step_stats = self.engine.step()
+                self._stats = step_stats.stats
+                for out in outputs:
+                    self._deliver(out)
+                for logger in self.stat_loggers:
+                    logger(step_stats)
+        except BaseException as e:  # the loop is dead: fail every stream now rather than hang them
+            log.exception("engine loop died")
+            self.dead_error = e
+            with self._lock:
+                streams = list(self._streams.values())
+            for s in streams:
+                s.put(EngineDeadError(f"engine loop died: {e!r}"))
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self.engine.add(item)
+            else:
+                out = self.engine.abort(item)
+                if out is not None:
+                    self._deliver(out)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        with self._lock:
+            stream = self._streams.get(out.request_id)
+        if stream is not None:
+            stream.put(out)
+
+    # -- the caller's side ----------------------------------------------------------------------------
+    async def generate(self, prompt: str | list[int], sampling_params: SamplingParams, request_id: str,
+                       lora_name: str | None = None) -> AsyncIterator[RequestOutput]:
+        if self.dead_error is not None:
+            raise EngineDeadError(f"engine loop died: {self.dead_error!r}")
+        req = self.engine.make_request(prompt, sampling_params, request_id, lora_name)
+        stream = _Stream(asyncio.get_running_loop())
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self._streams[request_id] = stream
+        self._inbox.put(("add", req))
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            if not finished:  # the consumer went away (disconnect, cancel): free the request's blocks
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()

@@ -1,0 +1,34 @@
+"""Engine configuration: one plain dataclass, field names after vLLM's engine arguments."""
+from dataclasses import dataclass, field, fields
+
+
+@dataclass
+class EngineConfig:
+    model: str  # a local Hugging Face-format folder (the loader in adapters/ resolves URIs to one)
+    tokenizer: str | None = None  # defaults to `model`
+    served_model_name: str | None = None
+    max_model_len: int | None = None  # default: the model's max_position_embeddings, capped by the KV pool
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    block_size: int = 16
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU; or float32 / float16 / bfloat16
+    device: str = "auto"  # auto: cuda if available, else cpu
+    enable_prefix_caching: bool = True
+    num_gpu_blocks_override: int | None = None  # fixed KV pool size in blocks (any device)
+    gpu_memory_utilization: float = 0.9  # CUDA: fraction of device memory the engine may fill
+    cpu_kv_cache_gb: float = 1.0  # CPU: KV pool size
+    seed: int = 0
+    max_logprobs: int = 20
+    enforce_eager: bool = False  # CUDA: no CUDA graphs
+    attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere; or "torch" / "triton"
+    max_loras: int = 0
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "EngineConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown engine argument(s): {', '.join(unknown)}")
+        return cls(**kwargs)

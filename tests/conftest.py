@@ -1,0 +1,26 @@
+import os
+import sys
+
+import pytest
+import torch
+
+# Triton kernels run under the interpreter when there is no GPU; it must be set before they are defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+sys.path.insert(0, os.path.dirname(__file__))  # test helpers (tiny_models, server) import by plain name
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """Build (once per session) a tiny random-weight HF model folder of the given shape."""
+    from tiny_models import build_model
+
+    cache: dict[str, str] = {}
+
+    def get(kind: str) -> str:
+        if kind not in cache:
+            cache[kind] = build_model(str(tmp_path_factory.mktemp(kind)), kind)
+        return cache[kind]
+
+    return get
