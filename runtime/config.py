@@ -20,6 +20,8 @@ class EngineConfig:
     seed: int = 0
     max_logprobs: int = 20
     enforce_eager: bool = False  # CUDA: no CUDA graphs
+    load_format: str = "auto"  # auto: safetensors from `model`; dummy: random weights (benchmarks)
+    skip_tokenizer_init: bool = False  # token ids in, token ids out, no text (benchmarks)
     attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere; or "torch" / "triton"
     max_loras: int = 0
     max_lora_rank: int = 16

@@ -24,7 +24,7 @@ log = logging.getLogger("kvserve.engine")
 
 
 def _eos_ids(folder: str, tokenizer) -> set[int]:
-    ids = set()
+    ids: set[int] = set()
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     path = os.path.join(folder, "generation_config.json")
@@ -38,7 +38,8 @@ def _eos_ids(folder: str, tokenizer) -> set[int]:
 class Engine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
+        self.tokenizer = None if config.skip_tokenizer_init else AutoTokenizer.from_pretrained(
+            config.tokenizer or config.model)
         self.runner = ModelRunner(config)
         capacity = self.runner.num_blocks * config.block_size
         if config.max_model_len and config.max_model_len > capacity:
@@ -47,7 +48,7 @@ class Engine:
         config.max_model_len = min(self.runner.max_model_len, capacity)
         self.max_model_len = config.max_model_len
         self.vocab_size = self.runner.cfg["vocab_size"]
-        self.eos_ids = _eos_ids(config.model, self.tokenizer)
+        self.eos_ids = _eos_ids(config.model, self.tokenizer) if self.tokenizer is not None else set()
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         self.requests: dict[str, Request] = {}
@@ -60,9 +61,12 @@ class Engine:
 
     # -- requests -------------------------------------------------------------------------------------
     def make_request(self, prompt: str | list[int], params: SamplingParams, request_id: str,
-                     lora: str | None = None) -> Request:
-        """Tokenize and validate; touches no engine state, so any thread may call it."""
+                     lora: str | None = None, stream: bool = True) -> Request:
+        """Tokenize and validate; touches no engine state, so any thread may call it. `stream`: text is
+        wanted step by step; otherwise it is decoded once at the end unless stop strings need it earlier."""
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer (the engine runs with skip_tokenizer_init)")
             if not prompt:
                 raise ValueError("prompt is empty")
             text, ids = prompt, self.tokenizer.encode(prompt)
@@ -83,6 +87,7 @@ class Engine:
         if lora is not None:
             raise ValueError(f"unknown LoRA adapter {lora!r}")
         req = Request(request_id, text, ids, params, time.monotonic(), lora)
+        req.incremental_text = self.tokenizer is not None and (stream or bool(params.stop))
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         for i in range(params.n):
             seed = (base_seed + i * 0x9E3779B97F4A7C15) & ((1 << 63) - 1)
@@ -99,8 +104,9 @@ class Engine:
         for seq in req.seqs:
             self.scheduler.add(seq)
 
-    def add_request(self, prompt, params: SamplingParams, request_id: str, lora: str | None = None) -> Request:
-        req = self.make_request(prompt, params, request_id, lora)
+    def add_request(self, prompt, params: SamplingParams, request_id: str, lora: str | None = None,
+                    stream: bool = True) -> Request:
+        req = self.make_request(prompt, params, request_id, lora, stream)
         self.add(req)
         return req
 
@@ -164,11 +170,11 @@ class Engine:
             if seq.logprobs is None:
                 seq.logprobs = []
             seq.logprobs.append(logprobs)
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
-            # the stop token's own text is not part of the output
+        incremental = seq.request.incremental_text
+        stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids)
+        if stop_token:
             seq.finish_reason, seq.stop_reason = "stop", (token if token in p.stop_token_ids else None)
-            detokenize(self.tokenizer, seq, flush=True, exclude_last=True)
-        else:
+        elif incremental:
             before = len(seq.text)
             detokenize(self.tokenizer, seq)
             check_stop_strings(seq, len(seq.text) - before)
@@ -177,8 +183,9 @@ class Engine:
                 or seq.num_tokens >= self.max_model_len):
             seq.finish_reason = "length"
         if seq.finish_reason is not None:
-            if seq.finish_reason == "length":
-                detokenize(self.tokenizer, seq, flush=True)
+            if self.tokenizer is not None and seq.stop_reason not in p.stop:
+                # the rest of the text; a stop token's own text is not part of the output
+                detokenize(self.tokenizer, seq, flush=True, exclude_last=stop_token)
             self.scheduler.finish(seq)
 
     def _delta(self, req: Request) -> RequestOutput:

@@ -24,7 +24,7 @@ class LLM:
         for prompt, p in zip(prompts, params):
             rid = str(self._next_id)
             self._next_id += 1
-            self.engine.add_request(prompt, p, rid, lora_request)
+            self.engine.add_request(prompt, p, rid, lora_request, stream=False)
             ids.append(rid)
         done: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished():

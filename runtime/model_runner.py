@@ -11,7 +11,7 @@ from kvserve.runtime.config import EngineConfig
 from kvserve.runtime.context import set_context
 from kvserve.runtime.models import build_model, model_config
 from kvserve.runtime.sequence import Sequence
-from kvserve.runtime.weights import load_weights
+from kvserve.runtime.weights import dummy_weights, load_weights
 
 log = logging.getLogger("kvserve.runner")
 
@@ -55,11 +55,15 @@ class ModelRunner:
                 self.model = build_model(self.cfg, max(self.max_model_len, max_pos))
         finally:
             torch.set_default_dtype(default_dtype)
-        load_weights(self.model, config.model)
+        if config.load_format == "dummy":
+            dummy_weights(self.model)
+        else:
+            load_weights(self.model, config.model)
         self.model.eval()
         self.block_size = config.block_size
         self.num_blocks = self._num_blocks()
         self._allocate_kv_cache()
+        self.capture_graphs()
 
     # -- memory ---------------------------------------------------------------------------------------
     def _bytes_per_block(self) -> int:
@@ -124,44 +128,137 @@ class ModelRunner:
                  self.kv_cache.numel() * self.kv_cache.element_size() / 2**30, self.dtype)
 
     # -- a step ---------------------------------------------------------------------------------------
-    def prepare(self, batch: list[tuple[Sequence, int]]):
+    def prepare(self, batch: list[tuple[Sequence, int]]) -> dict:
+        """Host lists describing the step: token ids, positions, KV slots, per-sequence lengths."""
         bs = self.block_size
-        input_ids, positions, slots, cu, lens, tables, sample_rows = [], [], [], [0], [], [], []
+        ids, pos, slots, cu, lens, tables, rows = [], [], [], [0], [], [], []
         for seq, n in batch:
             start = seq.num_computed_tokens
-            input_ids.extend(seq.token_ids[start:start + n])
-            positions.extend(range(start, start + n))
             table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            if n == 1:
+                ids.append(seq.token_ids[start])
+                pos.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                ids.extend(seq.token_ids[start:start + n])
+                pos.extend(range(start, start + n))
+                slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
             cu.append(cu[-1] + n)
             lens.append(start + n)
             tables.append(table)
             if start + n == seq.num_tokens:
-                sample_rows.append(cu[-1] - 1)
-        width = max(len(t) for t in tables)
-        dev = self.device
+                rows.append(cu[-1] - 1)
+        return dict(ids=ids, pos=pos, slots=slots, cu=cu, lens=lens, tables=tables, rows=rows,
+                    decode=len(ids) == len(batch))
 
-        def to_dev(x, dtype):
-            t = torch.tensor(x, dtype=dtype)
-            return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
+    def _to_device(self, x: list, dtype: torch.dtype) -> torch.Tensor:
+        t = torch.tensor(x, dtype=dtype)
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
+    def _eager(self, step: dict) -> torch.Tensor:
+        width = max(len(t) for t in step["tables"])
         meta = AttentionMetadata(
-            slot_mapping=to_dev(slots, torch.int64),
-            cu_seqlens_q=to_dev(cu, torch.int32),
-            seq_lens=to_dev(lens, torch.int32),
-            block_tables=to_dev([t + [0] * (width - len(t)) for t in tables], torch.int32),
-            max_seqlen_q=max(n for _, n in batch), max_seqlen_k=max(lens),
-            cu_seqlens_q_cpu=cu, seq_lens_cpu=lens,
-            decode_only=all(n == 1 for _, n in batch))
-        return to_dev(input_ids, torch.int64), to_dev(positions, torch.int64), meta, to_dev(sample_rows, torch.int64)
+            slot_mapping=self._to_device(step["slots"], torch.int64),
+            cu_seqlens_q=self._to_device(step["cu"], torch.int32),
+            seq_lens=self._to_device(step["lens"], torch.int32),
+            block_tables=self._to_device([t + [0] * (width - len(t)) for t in step["tables"]], torch.int32),
+            max_seqlen_q=max(b - a for a, b in zip(step["cu"], step["cu"][1:])), max_seqlen_k=max(step["lens"]),
+            cu_seqlens_q_cpu=step["cu"], seq_lens_cpu=step["lens"], decode_only=step["decode"])
+        set_context(meta)
+        try:
+            return self.model(self._to_device(step["ids"], torch.int64), self._to_device(step["pos"], torch.int64))
+        finally:
+            set_context(None)
 
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
         """fp32 logits for the sequences that reached the end of their known tokens, in batch order."""
-        ids, pos, meta, rows = self.prepare(batch)
-        set_context(meta)
-        try:
-            hidden = self.model(ids, pos)
-        finally:
-            set_context(None)
-        return self.model.logits(hidden[rows]).float()
+        step = self.prepare(batch)
+        graphs = self.graphs
+        if graphs is not None and step["decode"] and len(batch) <= graphs.max_batch:
+            hidden = graphs.replay(step)
+        else:
+            hidden = self._eager(step)
+        rows = step["rows"]
+        if len(rows) != hidden.shape[0]:
+            hidden = hidden[self._to_device(rows, torch.int64)]
+        return self.model.logits(hidden).float()
+
+    def capture_graphs(self) -> None:
+        self.graphs = None
+        if self.device.type == "cuda" and not self.config.enforce_eager:
+            self.graphs = DecodeGraphs(self)
+
+
+class DecodeGraphs:
+    """CUDA graphs of the decode forward pass at bucketed batch sizes. Inputs are copied into static buffers;
+    padding rows write no KV (slot -1) and attend to one cached token, and their outputs are dropped."""
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        dev, cfg = runner.device, runner.cfg
+        self.max_batch = min(runner.config.max_num_seqs, 512)
+        self.sizes = [s for s in [1, 2, 4, 8] + list(range(16, self.max_batch + 16, 16)) if s <= self.max_batch]
+        if self.sizes[-1] != self.max_batch:
+            self.sizes.append(self.max_batch)
+        width = -(-runner.max_model_len // runner.block_size)
+        n = self.max_batch
+        self.ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.pos = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.slots = torch.full((n,), -1, dtype=torch.int64, device=dev)
+        self.lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.tables = torch.zeros(n, width, dtype=torch.int32, device=dev)
+        self.cu = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        # each step's inputs go up in one copy: ids, pos, slots, lens, then the block table, packed
+        self.staging = torch.zeros(4 * n + n * width, dtype=torch.int64).pin_memory()
+        self.staging_dev = torch.zeros_like(self.staging, device=dev)
+        self.width = width
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        pool = None
+        model = runner.model
+        for size in reversed(self.sizes):
+            meta = self._meta(size)
+            set_context(meta)
+            try:
+                for _ in range(2):  # warm up: Triton compiles and autotunes outside the capture
+                    model(self.ids[:size], self.pos[:size])
+                torch.cuda.synchronize(dev)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    out = model(self.ids[:size], self.pos[:size])
+            finally:
+                set_context(None)
+            pool = graph.pool()
+            self.graphs[size] = (graph, out)
+        torch.cuda.synchronize(dev)
+        log.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
+
+    def _meta(self, size: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slots[:size], cu_seqlens_q=self.cu[:size + 1], seq_lens=self.lens[:size],
+            block_tables=self.tables[:size], max_seqlen_q=1, max_seqlen_k=self.runner.max_model_len,
+            cu_seqlens_q_cpu=list(range(size + 1)), seq_lens_cpu=[1] * size, decode_only=True)
+
+    def replay(self, step: dict) -> torch.Tensor:
+        b = len(step["ids"])
+        size = next(s for s in self.sizes if s >= b)
+        pad = size - b
+        widest = max(len(t) for t in step["tables"])
+        flat = (step["ids"] + [0] * pad + step["pos"] + [0] * pad + step["slots"] + [-1] * pad
+                + step["lens"] + [1] * pad)
+        for t in step["tables"]:
+            flat += t
+            flat += [0] * (widest - len(t))
+        flat += [0] * (pad * widest)
+        used = len(flat)
+        self.staging[:used] = torch.tensor(flat, dtype=torch.int64)
+        dev = self.staging_dev[:used]
+        dev.copy_(self.staging[:used], non_blocking=True)
+        self.ids[:size].copy_(dev[:size])
+        self.pos[:size].copy_(dev[size:2 * size])
+        self.slots[:size].copy_(dev[2 * size:3 * size])
+        self.lens[:size].copy_(dev[3 * size:4 * size])
+        self.tables[:size, :widest].copy_(dev[4 * size:].view(size, widest))
+        graph, out = self.graphs[size]
+        graph.replay()
+        return out[:b]

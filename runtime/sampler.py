@@ -83,8 +83,8 @@ def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         drop[:, 0] = False
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
-    min_p = torch.tensor([s.params.min_p for s in seqs], device=dev)
-    if bool((min_p > 0).any()):
+    if any(s.params.min_p > 0 for s in seqs):
+        min_p = torch.tensor([s.params.min_p for s in seqs], device=dev)
         probs = probs.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, 0.0)
     return probs
 
@@ -92,14 +92,16 @@ def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: set[int]) -> SampleResult:
     """logits: [B, vocab] fp32, one row per sequence in `seqs`."""
     raw = logits
-    logits = logits.clone()
-    _penalise(logits, seqs)
-    _block_stops(logits, seqs, eos_ids)
-    greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
+    if any(s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty
+           or s.num_output_tokens < s.params.min_tokens for s in seqs):
+        logits = logits.clone()
+        _penalise(logits, seqs)
+        _block_stops(logits, seqs, eos_ids)
     tokens = logits.argmax(-1)
-    if not bool(greedy.all()):
-        rows = (~greedy).nonzero().squeeze(1)
-        sub = [seqs[i] for i in rows.tolist()]
+    random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]  # host-side: no device sync
+    if random_rows:
+        rows = torch.tensor(random_rows, device=logits.device)
+        sub = [seqs[i] for i in random_rows]
         probs = _filter(logits[rows], sub)
         seeds = torch.tensor([s.seed for s in sub], device=logits.device, dtype=torch.int64)
         steps = torch.tensor([s.num_output_tokens for s in sub], device=logits.device, dtype=torch.int64)

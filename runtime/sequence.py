@@ -72,6 +72,7 @@ class Request:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     num_cached_tokens: int = 0
+    incremental_text: bool = True  # detokenize every step (streaming, stop strings) or once at the end
 
     @property
     def finished(self) -> bool:

@@ -46,3 +46,14 @@ def _target(model, name: str) -> tuple[str | None, int | None]:
         if f".{hf_name}." in name:
             return name.replace(f".{hf_name}.", f".{ours}."), shard
     return name, None
+
+
+@torch.no_grad()
+def dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
+    """Small random weights in place (benchmarks of a model shape without its checkpoint)."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.fill_(1.0)
+        else:
+            p.uniform_(-0.05, 0.05, generator=gen)
