@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Everything that needs the GPU, in one call: GPU tests, kernel bench, throughput (W1), batch-1 latency.
+# Usage (repo root, on the GPU machine): bash bench/gpu_all.sh [tests|kernels|throughput|latency ...]
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+# The repository root is the package `kvserve`.
+mkdir -p /tmp/pkg && ln -sfn "$PWD" /tmp/pkg/kvserve && export PYTHONPATH=/tmp/pkg${PYTHONPATH:+:$PYTHONPATH}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+steps=${*:-tests kernels throughput latency}
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+for s in $steps; do
+  echo "=== $s"
+  case $s in
+    tests) python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gpu_path.py 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
+    kernels) python3 bench/kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -15 ;;
+    throughput) python3 bench/throughput.py ${THROUGHPUT_ARGS:-} 2>&1 | tee "$OUT/throughput.log" | grep -v Warning | tail -8 ;;
+    latency) python3 bench/latency.py 2>&1 | tee "$OUT/latency.log" | tail -4 ;;
+  esac
+done

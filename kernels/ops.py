@@ -1,0 +1,95 @@
+"""The kernel entry points the model calls: Triton on the GPU, the plain-torch references elsewhere.
+
+Backend names: "torch" (always the references), "triton" (always Triton; on CPU only under
+TRITON_INTERPRET=1), "auto" (Triton for CUDA tensors, the references otherwise). The Triton modules are
+imported on first use, so CPU-only processes never define Triton kernels (and tests can switch on the
+interpreter before they are defined).
+"""
+import torch
+
+from kvserve.kernels import reference as ref
+from kvserve.kernels.metadata import AttentionMetadata
+
+BACKENDS = ("torch", "triton", "auto")
+_backend = "auto"
+
+
+def set_backend(name: str) -> None:
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def _triton(x: torch.Tensor) -> bool:
+    return _backend == "triton" or (_backend == "auto" and x.is_cuda)
+
+
+def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> None:
+    if _triton(k):
+        from kvserve.kernels.attention import store_kvcache
+        return store_kvcache(k, v, k_cache, v_cache, slot_mapping)
+    return ref.store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                    scale: float, out: torch.Tensor | None = None,
+                    workspace: torch.Tensor | None = None) -> torch.Tensor:
+    """out / workspace: optional preallocated result and split-KV scratch (see attention.workspace_numel)."""
+    head_dim = q.shape[-1]
+    # The kernel tiles the head dim with tl.arange, which needs a power of two.
+    if _triton(q) and head_dim >= 16 and head_dim & (head_dim - 1) == 0:
+        from kvserve.kernels.attention import paged_attention
+        return paged_attention(q, k_cache, v_cache, meta, scale, out=out, workspace=workspace)
+    result = ref.paged_attention_ref(q, k_cache, v_cache, meta, scale)
+    return result if out is None else out.copy_(result)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    if _triton(x):
+        from kvserve.kernels.norm import rms_norm
+        return rms_norm(x, weight, eps, residual)
+    return ref.rms_norm_ref(x, weight, eps, residual)
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotates q [T, Hq, D] and k [T, Hk, D] together; cos, sin: [T, D // 2]. Returns (q, k), which are the
+    inputs themselves when inplace."""
+    if _triton(q):
+        from kvserve.kernels.rotary import rotary
+        return rotary(q, k, cos, sin, inplace)
+    q_rot, k_rot = ref.rotary_ref(q, cos, sin), ref.rotary_ref(k, cos, sin)
+    if not inplace:
+        return q_rot, k_rot
+    return q.copy_(q_rot), k.copy_(k_rot)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    if _triton(x):
+        from kvserve.kernels.activation import silu_and_mul
+        return silu_and_mul(x)
+    return ref.silu_and_mul_ref(x)
+
+
+def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """x [T, K] -> [T, N] fp32 through each token's adapter slot (see kernels/lora.py)."""
+    if _triton(x):
+        from kvserve.kernels.lora import lora_shrink
+        return lora_shrink(x, a, slots)
+    return ref.lora_shrink_ref(x, a, slots)
+
+
+def lora_expand(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, slots: torch.Tensor,
+                shards: list[int]) -> torch.Tensor:
+    """Adds each token's adapter output to y [T, sum(shards)] in place."""
+    if _triton(y):
+        from kvserve.kernels.lora import lora_expand
+        return lora_expand(y, h, b, scale, slots, shards)
+    return ref.lora_expand_ref(y, h, b, scale, slots, shards)

@@ -1,0 +1,345 @@
+"""Each Triton kernel against its plain-torch reference.
+
+On CPU the kernels run in Triton's interpreter at tiny sizes; with a GPU the same tests run compiled, plus the
+`gpu`-marked ones at real sizes (contexts up to 32k, bf16) and a CUDA-graph replay of the decode path.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # Must precede the definition of any Triton kernel: triton.jit picks interpreter or compiler then
+    # (conftest.py sets it too, before any test module is collected).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kvserve.kernels import activation, attention, norm, ops, rotary  # noqa: E402
+from kvserve.kernels import reference as ref  # noqa: E402
+from kvserve.kernels.metadata import AttentionMetadata  # noqa: E402
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
+# bf16 arithmetic is wrong in the interpreter; the kernels upcast, but keep CPU runs to what numpy has.
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+# Largest error allowed, relative to the largest reference value, against a reference computed in fp32.
+TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def assert_close(out: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(out.float(), expected.float(), atol=TOL[dtype] * max(scale, 1e-3),
+                               rtol=TOL[dtype])
+
+
+def make_batch(specs, num_q_heads, num_kv_heads, head_dim, block_size, dtype, seed=0, spare_blocks=3,
+               table_width=None):
+    """specs: (context length, query length) per sequence. Blocks are shuffled over the pool, and every cache
+    position no sequence owns holds NaN, so any read outside a sequence's context poisons the result."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    n_blocks = [math.ceil(ctx / block_size) for ctx, _ in specs]
+    width = table_width or max(max(n_blocks), 1)
+    perm = torch.randperm(sum(n_blocks) + spare_blocks, generator=g)
+    tables = torch.zeros(len(specs), width, dtype=torch.int32)
+    shape = (sum(n_blocks) + spare_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    v_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    start = 0
+    for s, ((ctx, _), n) in enumerate(zip(specs, n_blocks)):
+        tables[s, :n] = perm[start:start + n]
+        start += n
+        pos = torch.arange(ctx)
+        slots = (tables[s, pos // block_size].long() * block_size + pos % block_size).to(DEVICE)
+        k_cache.view(-1, num_kv_heads, head_dim)[slots] = torch.randn(ctx, num_kv_heads, head_dim, generator=g).to(
+            DEVICE, dtype)
+        v_cache.view(-1, num_kv_heads, head_dim)[slots] = torch.randn(ctx, num_kv_heads, head_dim, generator=g).to(
+            DEVICE, dtype)
+    cu = [0]
+    for _, q_len in specs:
+        cu.append(cu[-1] + q_len)
+    q = torch.randn(cu[-1], num_q_heads, head_dim, generator=g).to(DEVICE, dtype)
+    meta = AttentionMetadata(
+        slot_mapping=torch.full((cu[-1],), -1, dtype=torch.int64, device=DEVICE),
+        cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=DEVICE),
+        seq_lens=torch.tensor([ctx for ctx, _ in specs], dtype=torch.int32, device=DEVICE),
+        block_tables=tables.to(DEVICE), max_seqlen_q=max(q_len for _, q_len in specs),
+        max_seqlen_k=max(ctx for ctx, _ in specs), cu_seqlens_q_cpu=cu, seq_lens_cpu=[ctx for ctx, _ in specs],
+        decode_only=all(q_len == 1 for _, q_len in specs))
+    return q, k_cache, v_cache, meta
+
+
+def attention_ref(q, k_cache, v_cache, meta, scale):
+    return ref.paged_attention_ref(q.float(), k_cache.float(), v_cache.float(), meta, scale)
+
+
+# decode rows, chunked prefill over a cached prefix (spanning several q blocks), fresh prefills, a 1-token context
+MIXED = [(37, 1), (80, 17), (25, 25), (1, 1), (130, 40), (64, 1), (19, 3)]
+GQA = [(2, 2), (4, 2), (8, 2)]  # (Hq, Hkv): ratios 1, 2, 4
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("heads", GQA)
+def test_paged_attention_mixed_batch(heads, head_dim, dtype):
+    q, k_cache, v_cache, meta = make_batch(MIXED, *heads, head_dim, 16, dtype)
+    out = attention.paged_attention(q, k_cache, v_cache, meta, head_dim ** -0.5)
+    assert out.dtype == dtype
+    assert_close(out, attention_ref(q, k_cache, v_cache, meta, head_dim ** -0.5), dtype)
+
+
+@pytest.mark.parametrize("block_size", [32, 128])
+def test_paged_attention_block_sizes(block_size):
+    # 32: one key step spans two blocks; 128: a block spans several key steps
+    q, k_cache, v_cache, meta = make_batch(MIXED, 6, 2, 64, block_size, torch.float16, seed=1)
+    out = attention.paged_attention(q, k_cache, v_cache, meta, 0.125)
+    assert_close(out, attention_ref(q, k_cache, v_cache, meta, 0.125), torch.float16)
+
+
+@pytest.mark.parametrize("heads,head_dim,num_splits", [
+    ((2, 2), 64, 4), ((2, 2), 128, 1), ((4, 2), 128, 4), ((4, 2), 64, 1), ((8, 2), 128, 4), ((8, 2), 64, 2)])
+def test_paged_attention_decode(heads, head_dim, num_splits):
+    # split 4 ways, the 1- and 9-token contexts leave some splits empty
+    specs = [(200, 1), (1, 1), (77, 1), (9, 1), (130, 1)]
+    q, k_cache, v_cache, meta = make_batch(specs, *heads, head_dim, 16, torch.float16, seed=2)
+    assert meta.decode_only
+    out = attention.paged_attention(q, k_cache, v_cache, meta, head_dim ** -0.5, num_splits=num_splits)
+    assert_close(out, attention_ref(q, k_cache, v_cache, meta, head_dim ** -0.5), torch.float16)
+
+
+def test_paged_attention_preallocated_and_padding():
+    # A captured batch padded with empty sequences: their rows come out 0, not NaN, and the call writes
+    # into the given buffers.
+    specs = [(200, 1), (0, 1), (45, 1), (0, 1)]
+    q, k_cache, v_cache, meta = make_batch(specs, 4, 2, 64, 16, torch.float32, seed=3)
+    out = torch.full_like(q, float("nan"))
+    workspace = torch.full((attention.workspace_numel(4, 4, 64, 8),), float("nan"), device=DEVICE)
+    result = attention.paged_attention(q, k_cache, v_cache, meta, 0.125, out=out, workspace=workspace,
+                                       num_splits=8)
+    assert result is out
+    expected = attention_ref(q, k_cache, v_cache, meta, 0.125)
+    assert torch.equal(expected[1], torch.zeros_like(expected[1]))
+    assert_close(out, expected, torch.float32)
+
+
+def test_num_splits_depends_only_on_static_shapes(monkeypatch):
+    monkeypatch.setattr(attention, "_sm_count", lambda device: 132)  # an H100
+    cuda = torch.device("cuda")
+
+    def splits(num_seqs, table_width, q_len=1, context=40):
+        # the lengths are there to show they play no part
+        meta = AttentionMetadata(
+            slot_mapping=torch.zeros(num_seqs * q_len, dtype=torch.int64),
+            cu_seqlens_q=torch.arange(num_seqs + 1, dtype=torch.int32) * q_len,
+            seq_lens=torch.full((num_seqs,), context, dtype=torch.int32),
+            block_tables=torch.zeros(num_seqs, table_width, dtype=torch.int32), max_seqlen_q=q_len,
+            max_seqlen_k=context, cu_seqlens_q_cpu=[i * q_len for i in range(num_seqs + 1)],
+            seq_lens_cpu=[context] * num_seqs, decode_only=q_len == 1)
+        return attention.num_splits_for(meta, 8, 16, cuda)
+
+    assert splits(8, 2048) == splits(8, 2048, context=30000) == 8  # 8 x 8 programs -> 512 with 8 splits
+    assert splits(1, 2048) == attention.MAX_SPLITS
+    assert splits(64, 512) == 1  # 512 programs fill an H100
+    assert splits(8, 3) == 1  # the table holds 48 tokens: too few to split
+    assert splits(8, 64) == 2  # 1024 tokens at most
+    assert splits(8, 2048, q_len=3) == 1  # prefill rows never split
+    _, _, _, meta = make_batch([(40, 1)], 2, 1, 64, 16, torch.float32)
+    assert attention.num_splits_for(meta, 1, 16, torch.device("cpu")) == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_store_kvcache(head_dim, dtype):
+    num_tokens, num_heads, block_size = 13, 2, 16
+    # k and v as views into a fused qkv projection, as the model produces them
+    qkv = torch.randn(num_tokens, 8 * head_dim, device=DEVICE).to(dtype)
+    k = qkv[:, 4 * head_dim:6 * head_dim].view(num_tokens, num_heads, head_dim)
+    v = qkv[:, 6 * head_dim:].view(num_tokens, num_heads, head_dim)
+    slots = torch.randperm(6 * block_size)[:num_tokens].to(DEVICE)
+    slots[[2, 7]] = -1
+    k_cache = torch.randn(6, block_size, num_heads, head_dim, device=DEVICE).to(dtype)
+    v_cache = torch.randn_like(k_cache)
+    k_expected, v_expected = k_cache.clone(), v_cache.clone()
+    ref.store_kvcache_ref(k, v, k_expected, v_expected, slots)
+    attention.store_kvcache(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, k_expected) and torch.equal(v_cache, v_expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [64, 100])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm(with_residual, hidden, dtype):
+    x = torch.randn(7, hidden, device=DEVICE).to(dtype)
+    weight = (1 + 0.1 * torch.randn(hidden, device=DEVICE)).to(dtype)
+    residual = torch.randn(7, hidden, device=DEVICE).to(dtype) if with_residual else None
+    out = norm.rms_norm(x, weight, 1e-6, residual)
+    expected = ref.rms_norm_ref(x, weight, 1e-6, residual)
+    if with_residual:
+        assert torch.equal(out[1], expected[1])  # the new residual is the same rounded sum
+        out, expected = out[0], expected[0]
+    assert out.dtype == expected.dtype
+    assert_close(out, expected, dtype)
+
+
+def test_rms_norm_per_head_fp32_weight():
+    # Qwen3's q/k norm: over head_dim of a [T, H, D] view; an fp32 weight promotes the output as torch does.
+    x = torch.randn(5, 3, 64, device=DEVICE, dtype=torch.float16)
+    weight = torch.randn(64, device=DEVICE)
+    out = norm.rms_norm(x, weight, 1e-6)
+    expected = ref.rms_norm_ref(x, weight, 1e-6)
+    assert out.shape == expected.shape and out.dtype == expected.dtype == torch.float32
+    assert_close(out, expected, torch.float16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_rotary(inplace, dtype):
+    num_tokens, head_dim = 9, 64
+    qkv = torch.randn(num_tokens, 8 * head_dim, device=DEVICE).to(dtype)
+    q = qkv[:, :4 * head_dim].view(num_tokens, 4, head_dim)
+    k = qkv[:, 4 * head_dim:6 * head_dim].view(num_tokens, 2, head_dim)
+    angles = torch.rand(num_tokens, head_dim // 2, device=DEVICE) * 100
+    cos, sin = angles.cos(), angles.sin()
+    q_expected, k_expected = ref.rotary_ref(q, cos, sin), ref.rotary_ref(k, cos, sin)
+    before = qkv.clone()
+    q_out, k_out = rotary.rotary(q, k, cos, sin, inplace=inplace)
+    if inplace:
+        assert q_out.data_ptr() == q.data_ptr() and k_out.data_ptr() == k.data_ptr()
+        assert torch.equal(qkv[:, 6 * head_dim:], before[:, 6 * head_dim:])  # v untouched
+    else:
+        assert torch.equal(qkv, before)
+    assert_close(q_out, q_expected, dtype)
+    assert_close(k_out, k_expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inter", [96, 1500])
+def test_silu_and_mul(inter, dtype):
+    x = (3 * torch.randn(4, 2 * inter, device=DEVICE)).to(dtype)
+    out = activation.silu_and_mul(x)
+    assert out.shape == (4, inter) and out.dtype == dtype
+    assert_close(out, ref.silu_and_mul_ref(x.float()), dtype)
+
+
+@pytest.fixture
+def backend():
+    yield ops.set_backend
+    ops.set_backend("auto")
+
+
+def test_ops_dispatch(backend, monkeypatch):
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return "triton"
+
+    monkeypatch.setattr(activation, "silu_and_mul", spy)
+    x = torch.randn(3, 8, device=DEVICE)
+    backend("torch")
+    assert torch.equal(ops.silu_and_mul(x), ref.silu_and_mul_ref(x))
+    backend("triton")
+    assert ops.silu_and_mul(x) == "triton"
+    backend("auto")
+    assert (ops.silu_and_mul(x) == "triton") == HAS_CUDA
+    assert len(calls) == 1 + HAS_CUDA
+    with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):
+        backend("cuda")
+
+
+@pytest.mark.parametrize("name", ["triton", "torch"])
+def test_ops_match_reference(name, backend):
+    backend(name)
+    q, k_cache, v_cache, meta = make_batch(MIXED, 4, 2, 64, 16, torch.float32, seed=4)
+    k_new, v_new = torch.randn(2, 3, 2, 64, device=DEVICE).unbind(0)
+    slots = torch.tensor([5, -1, 40], device=DEVICE)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    ref.store_kvcache_ref(k_new, v_new, expected_k, expected_v, slots)
+    ops.store_kvcache(k_new, v_new, k_cache, v_cache, slots)
+    torch.testing.assert_close(k_cache, expected_k, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(v_cache, expected_v, rtol=0, atol=0, equal_nan=True)
+    out = torch.empty_like(q)
+    assert ops.paged_attention(q, k_cache, v_cache, meta, 0.125, out=out) is out
+    assert_close(out, attention_ref(q, k_cache, v_cache, meta, 0.125), torch.float32)
+    x, res, w = torch.randn(3, 4, 64, device=DEVICE).unbind(0)
+    for got, want in zip(ops.rms_norm(x, w[0], 1e-6, res), ref.rms_norm_ref(x, w[0], 1e-6, res)):
+        assert_close(got, want, torch.float32)
+    cos, sin = torch.randn(2, 4, 32, device=DEVICE).unbind(0)
+    qr, kr = x.view(4, 1, 64).clone(), res.view(4, 1, 64).clone()
+    got = ops.rotary(qr, kr, cos, sin, inplace=True)
+    assert got[0] is qr and got[1] is kr
+    assert_close(qr, ref.rotary_ref(x.view(4, 1, 64), cos, sin), torch.float32)
+    assert_close(ops.silu_and_mul(x), ref.silu_and_mul_ref(x), torch.float32)
+
+
+def test_ops_odd_head_dim_falls_back(backend):
+    backend("triton")
+    q, k_cache, v_cache, meta = make_batch([(20, 4), (9, 1)], 2, 1, 48, 16, torch.float32, seed=5)
+    out = ops.paged_attention(q, k_cache, v_cache, meta, 0.2)
+    assert_close(out, attention_ref(q, k_cache, v_cache, meta, 0.2), torch.float32)
+
+
+# Real sizes, on the GPU only. A sharper softmax (scale 2.5 / sqrt(D)) makes the output hinge on a few keys
+# anywhere in a 32k context, so a skipped tile or split shows.
+REAL_MIXED = [(32768, 1), (1000, 1), (4096, 512), (2048, 2048), (17, 1), (9000, 333)]
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("heads", [(16, 8), (32, 8)])
+@pytest.mark.parametrize("specs", [
+    pytest.param(REAL_MIXED, id="mixed", marks=GPU),
+    pytest.param([(32768, 1)] * 8, id="decode-8x32k", marks=GPU),
+    pytest.param([(1024 + 7 * i, 1) for i in range(256)], id="decode-256x1k", marks=GPU),
+])
+def test_paged_attention_real_sizes(specs, heads, head_dim):
+    q, k_cache, v_cache, meta = make_batch(specs, *heads, head_dim, 16, torch.bfloat16, seed=6)
+    scale = 2.5 / math.sqrt(head_dim)
+    out = ops.paged_attention(q, k_cache, v_cache, meta, scale)
+    assert_close(out, attention_ref(q, k_cache, v_cache, meta, scale), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_decode_cuda_graph_replay():
+    # Capture once, then replay with other lengths and queries: the kernels read lengths on the device.
+    specs = [(5000, 1), (20000, 1), (77, 1), (12000, 1)]
+    q, k_cache, v_cache, meta = make_batch(specs, 16, 8, 128, 16, torch.bfloat16, seed=7)
+    out = torch.empty_like(q)
+    workspace = torch.empty(attention.workspace_numel(4, 16, 128, attention.MAX_SPLITS), device=DEVICE)
+    ops.paged_attention(q, k_cache, v_cache, meta, 0.1, out=out, workspace=workspace)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.paged_attention(q, k_cache, v_cache, meta, 0.1, out=out, workspace=workspace)
+    for lengths in ([4000, 20000, 1, 12000], [5000, 19000, 77, 100]):
+        meta.seq_lens.copy_(torch.tensor(lengths, dtype=torch.int32))
+        meta.seq_lens_cpu = lengths
+        q.copy_(torch.randn_like(q))
+        graph.replay()
+        assert_close(out, attention_ref(q, k_cache, v_cache, meta, 0.1), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_small_kernels_real_sizes():
+    t, hidden, inter, d = 4096, 1024, 3072, 128
+    x, res = torch.randn(2, t, hidden, device=DEVICE, dtype=torch.bfloat16).unbind(0)
+    w = torch.randn(hidden, device=DEVICE, dtype=torch.bfloat16)
+    out, new_res = norm.rms_norm(x, w, 1e-6, res)
+    out_ref, res_ref = ref.rms_norm_ref(x, w, 1e-6, res)
+    assert torch.equal(new_res, res_ref)
+    assert_close(out, out_ref, torch.bfloat16)
+    qkv = torch.randn(t, 32 * d, device=DEVICE, dtype=torch.bfloat16)
+    q, k = qkv[:, :16 * d].view(t, 16, d), qkv[:, 16 * d:24 * d].view(t, 8, d)
+    angles = torch.rand(t, d // 2, device=DEVICE) * 1000
+    q_ref, k_ref = ref.rotary_ref(q, angles.cos(), angles.sin()), ref.rotary_ref(k, angles.cos(), angles.sin())
+    rotary.rotary(q, k, angles.cos(), angles.sin(), inplace=True)
+    assert_close(q, q_ref, torch.bfloat16)
+    assert_close(k, k_ref, torch.bfloat16)
+    gate_up = torch.randn(t, 2 * inter, device=DEVICE, dtype=torch.bfloat16)
+    assert_close(activation.silu_and_mul(gate_up), ref.silu_and_mul_ref(gate_up.float()), torch.bfloat16)
+    kv = torch.zeros(2, 2048, 16, 8, d, device=DEVICE, dtype=torch.bfloat16)
+    slots = torch.randperm(2048 * 16, device=DEVICE)[:t]
+    expected = kv.clone()
+    ref.store_kvcache_ref(k, qkv[:, 24 * d:].view(t, 8, d), expected[0], expected[1], slots)
+    attention.store_kvcache(k, qkv[:, 24 * d:].view(t, 8, d), kv[0], kv[1], slots)
+    assert torch.equal(kv, expected)
