@@ -53,6 +53,26 @@ QUEUE_TIME = Histogram("vllm:request_queue_time_seconds", "Histogram of time spe
 LORA_INFO = Gauge("vllm:lora_requests_info", "Running stats on lora requests.",
                   _L + ["max_lora", "waiting_lora_adapters", "running_lora_adapters"])
 
+# KV offload (runtime/kv_offload.py): kvserve's own series, vLLM has no equivalent. Exported once there is
+# something to count; the per-tier ones carry a `tier` label: cpu, disk or remote.
+_T = _L + ["tier"]
+OFFLOAD_HITS = Counter("kvserve:kv_offload_hits", "KV chunks restored from an offload tier.", _T)
+OFFLOAD_MISSES = Counter("kvserve:kv_offload_misses", "KV chunk lookups at admission found in no offload tier.", _L)
+OFFLOAD_RECOMPUTED = Counter("kvserve:kv_offload_recomputed_chunks",
+                             "KV chunks held by an offload tier but recomputed, as that was estimated faster.", _L)
+OFFLOAD_SAVED = Counter("kvserve:kv_offload_saved_chunks", "KV chunks saved to an offload tier.", _T)
+OFFLOAD_DROPPED = Counter("kvserve:kv_offload_dropped_saves",
+                          "KV chunk saves dropped because the offload writer was behind.", _L)
+OFFLOAD_LOADED_BYTES = Counter("kvserve:kv_offload_loaded_bytes", "Bytes of KV loaded from an offload tier.", _T)
+OFFLOAD_SAVED_BYTES = Counter("kvserve:kv_offload_saved_bytes", "Bytes of KV saved to an offload tier.", _T)
+OFFLOAD_RESTORED_TOKENS = Counter("kvserve:kv_offload_restored_tokens",
+                                  "Tokens whose KV was restored from an offload tier instead of computed.", _L)
+# EngineStats field -> counter: plain counts, and per-tier dicts
+_OFFLOAD = {"kv_offload_misses": OFFLOAD_MISSES, "kv_offload_recomputed": OFFLOAD_RECOMPUTED,
+            "kv_offload_saves_dropped": OFFLOAD_DROPPED, "kv_offload_tokens_restored": OFFLOAD_RESTORED_TOKENS,
+            "kv_offload_hits": OFFLOAD_HITS, "kv_offload_chunks_saved": OFFLOAD_SAVED,
+            "kv_offload_bytes_loaded": OFFLOAD_LOADED_BYTES, "kv_offload_bytes_saved": OFFLOAD_SAVED_BYTES}
+
 # EngineStats cumulative field -> counter it feeds
 _COUNTED = {"prefix_cache_queries": PREFIX_QUERIES, "prefix_cache_hits": PREFIX_HITS,
             "num_preemptions": PREEMPTIONS, "prompt_tokens": PROMPT_TOKENS,
@@ -87,6 +107,7 @@ class EngineMetrics:
         self._gen_hist = REQUEST_GENERATION_TOKENS.labels(model_name)
         self._ttft, self._itl = TTFT.labels(model_name), ITL.labels(model_name)
         self._e2e, self._queue = E2E.labels(model_name), QUEUE_TIME.labels(model_name)
+        self._offload_seen: dict[tuple[str, str], int] = {}  # (field, tier or "") -> value already counted
 
     def __call__(self, step: StepStats) -> None:
         s = step.stats
@@ -94,6 +115,7 @@ class EngineMetrics:
         self._waiting.set(s.num_waiting)
         self._kv.set(s.kv_cache_usage)
         self._count(s)
+        self._count_offload(s)
         for ev in step.events:
             if ev.first_token:
                 self._ttft.observe((ev.first_token_time if ev.first_token_time is not None else ev.now)
@@ -138,6 +160,16 @@ class EngineMetrics:
             self._lora_labels = labels
         LORA_INFO.labels(*labels).set(time.time())
 
+    def _count_offload(self, s: EngineStats) -> None:
+        for name, metric in _OFFLOAD.items():
+            value = getattr(s, name)
+            for tier, v in (value.items() if isinstance(value, dict) else [("", value)]):
+                seen = self._offload_seen.get((name, tier), 0)
+                delta = v if v < seen else v - seen  # below what was seen: the engine restarted from zero
+                if delta:
+                    (metric.labels(self.model_name, tier) if tier else metric.labels(self.model_name)).inc(delta)
+                self._offload_seen[(name, tier)] = v
+
     def close(self) -> None:
         """Drop this model's series (the model was unloaded); the logger must not be called after this."""
         for metric in _PER_MODEL:
@@ -147,6 +179,8 @@ class EngineMetrics:
         if self._lora_labels is not None:
             _remove(LORA_INFO, *self._lora_labels)
             self._lora_labels = None
+        for name, tier in self._offload_seen:
+            _remove(_OFFLOAD[name], self.model_name, *([tier] if tier else []))
 
 
 def _remove(metric, *labels: str) -> None:

@@ -78,5 +78,19 @@ def main():
     print(s.getvalue()[-6000:])
 
 
+
+
+def logits_variants():
+    """lm_head alternatives at W1's decode shape (batch 256), timed with CUDA events."""
+    import triton.testing
+    h = torch.randn(256, 1024, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(151936, 1024, device="cuda", dtype=torch.bfloat16)
+    for name, fn in [("linear bf16", lambda: torch.nn.functional.linear(h, w)),
+                     ("linear bf16 + float", lambda: torch.nn.functional.linear(h, w).float()),
+                     ("linear bf16 + argmax", lambda: torch.nn.functional.linear(h, w).argmax(-1))]:
+        print(f"  {name:28s} {triton.testing.do_bench(fn, return_mode='median'):.3f} ms")
+
+
 if __name__ == "__main__":
     main()
+    logits_variants()

@@ -71,3 +71,30 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     """x: [T, 2I] (gate then up) -> silu(gate) * up: [T, I]."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def lora_shrink_ref(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """x [T, K], a [L, N, K], slots [T] -> h [T, N] fp32: x[t] @ a[slots[t]]^T, zero for slot -1. One masked
+    product per slot rather than a gather, so nothing depends on the slot values (CUDA-graph safe)."""
+    h = torch.zeros(x.shape[0], a.shape[1], dtype=torch.float32, device=x.device)
+    xf = x.float()
+    for slot in range(a.shape[0]):
+        h = torch.where((slots == slot)[:, None], xf @ a[slot].float().T, h)
+    return h
+
+
+def lora_expand_ref(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+                    slots: torch.Tensor, shards: list[int]) -> torch.Tensor:
+    """In place: y[t, shard s] += (h[t, s*R:(s+1)*R] @ b[slots[t], shard s rows]^T) * scale[slots[t]]; b is
+    [L, sum(shards), R]. In fp32 this is PEFT's `result + lora_B(lora_A(x)) * scaling`, operation for operation."""
+    rank = b.shape[2]
+    for slot in range(b.shape[0]):
+        mine = (slots == slot)[:, None]
+        start = 0
+        for s, size in enumerate(shards):
+            part = h[:, s * rank:(s + 1) * rank].to(b.dtype).float()
+            delta = (part @ b[slot, start:start + size].float().T) * scale[slot]
+            ys = y[:, start:start + size]
+            ys.copy_(torch.where(mine, (ys.float() + delta).to(y.dtype), ys))
+            start += size
+    return y

@@ -68,19 +68,21 @@ class AsyncEngine:
     # -- the engine thread ----------------------------------------------------------------------------
     def _run(self) -> None:
         try:
+            busy = False
             while not self._stop:
                 self._drain_inbox()
                 if not self.engine.has_unfinished():
-                    self._stats = self.engine.stats()
+                    if busy or self.engine.pending_events:  # going idle: loggers see the final counts
+                        self._log(self.engine.step_stats())
+                        busy = False
                     self._wake.wait(timeout=1.0)
                     self._wake.clear()
                     continue
+                busy = True
                 outputs, step_stats = self.engine.step()
-                self._stats = step_stats.stats
                 for out in outputs:
                     self._deliver(out)
-                for logger in self.stat_loggers:
-                    logger(step_stats)
+                self._log(step_stats)
         except BaseException as e:  # the loop is dead: fail every stream now rather than hang them
             log.exception("engine loop died")
             self.dead_error = e
@@ -89,6 +91,11 @@ class AsyncEngine:
             for s in streams:
                 s.put(EngineDeadError(f"engine loop died: {e!r}"))
 
+    def _log(self, step_stats: StepStats) -> None:
+        self._stats = step_stats.stats
+        for logger in self.stat_loggers:
+            logger(step_stats)
+
     def _drain_inbox(self) -> None:
         while True:
             try:
@@ -96,7 +103,20 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if kind == "add":
-                self.engine.add(item)
+                try:
+                    self.engine.add(item)
+                except ValueError as e:  # e.g. its LoRA adapter was unloaded while it waited in the inbox
+                    with self._lock:
+                        stream = self._streams.get(item.request_id)
+                    if stream is not None:
+                        stream.put(e)
+            elif kind == "call":
+                fn, loop, future = item
+                try:
+                    result, error = fn(), None
+                except Exception as e:
+                    result, error = None, e
+                loop.call_soon_threadsafe(_settle, future, result, error)
             else:
                 out = self.engine.abort(item)
                 if out is not None:
@@ -138,3 +158,34 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
         self._wake.set()
+
+    # -- LoRA adapters (see Engine.add_lora) ------------------------------------------------------------
+    async def add_lora(self, name: str, path: str):
+        """Load an adapter from a local folder; ValueError names what does not fit. Reads off the loop."""
+        return await asyncio.to_thread(self.engine.add_lora, name, path)
+
+    async def remove_lora(self, name: str) -> None:
+        """Unload an adapter; ValueError if unknown or still used by a request (including ones handed in
+        but not yet seen by the engine thread, since this runs there after them)."""
+        if self._thread is None:
+            return self.engine.remove_lora(name)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._inbox.put(("call", (lambda: self.engine.remove_lora(name), loop, future)))
+        self._wake.set()
+        while not future.done():
+            if self.dead_error is not None:
+                raise EngineDeadError(f"engine loop died: {self.dead_error!r}")
+            await asyncio.wait([future], timeout=1.0)
+        return future.result()
+
+    def list_loras(self):
+        return self.engine.list_loras()
+
+
+def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
+    if not future.done():
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)

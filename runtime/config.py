@@ -23,9 +23,23 @@ class EngineConfig:
     load_format: str = "auto"  # auto: safetensors from `model`; dummy: random weights (benchmarks)
     skip_tokenizer_init: bool = False  # token ids in, token ids out, no text (benchmarks)
     attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere; or "torch" / "triton"
-    max_loras: int = 0
+    max_loras: int = 0  # device slots for LoRA adapters (adapters one step can mix); 0: LoRA off
     max_lora_rank: int = 16
-    max_cpu_loras: int | None = None
+    max_cpu_loras: int | None = None  # loaded adapters kept on the host; default: max_loras
+    lora_modules: dict[str, str] | None = None  # adapter name -> local PEFT folder, loaded at start
+    lora_allowed_roots: list[str] | None = None  # default: the model's adapters/ folder and the download cache
+    # KV offload (runtime/kv_offload.py, docs/OFFLOAD.md): off unless a tier is set
+    kv_offload_cpu_gb: float = 0  # host-memory tier (pinned on CUDA)
+    kv_offload_disk_path: str | None = None  # local-folder tier
+    kv_offload_disk_gb: float = 10.0  # cap of the folder tier
+    kv_offload_remote: str | None = None  # s3://bucket/prefix shared by replicas (any S3-compatible endpoint)
+    kv_offload_remote_gb: float = 0  # cap of what this replica keeps in the bucket; 0: none (a lifecycle rule)
+    kv_offload_chunk_tokens: int = 256  # tokens per chunk, rounded down to whole blocks
+    kv_offload_policy: str = "auto"  # auto: load where faster than recomputing; always; never (save only)
+
+    def __post_init__(self):
+        if self.lora_modules and not self.max_loras:
+            self.max_loras = 1  # adapters given: LoRA on, with vLLM's default of one slot
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":

@@ -8,6 +8,7 @@ from kvserve.runtime.sampling_params import SamplingParams
 class LLM:
     def __init__(self, model: str, **engine_args):
         self.engine = Engine(EngineConfig.from_kwargs(model=model, **engine_args))
+        self.engine.record_events = False  # no stat loggers offline
         self._next_id = 0
 
     def get_tokenizer(self):

@@ -9,6 +9,7 @@ from kvserve.kernels import ops
 from kvserve.kernels.metadata import AttentionMetadata
 from kvserve.runtime.config import EngineConfig
 from kvserve.runtime.context import set_context
+from kvserve.runtime.lora import LoRAManager
 from kvserve.runtime.models import build_model, model_config
 from kvserve.runtime.sequence import Sequence
 from kvserve.runtime.weights import dummy_weights, load_weights
@@ -60,6 +61,8 @@ class ModelRunner:
         else:
             load_weights(self.model, config.model)
         self.model.eval()
+        # LoRA slots are allocated before the KV pool is sized from what memory is left
+        self.lora = LoRAManager(config, self.model, self.device, self.dtype) if config.max_loras > 0 else None
         self.block_size = config.block_size
         self.num_blocks = self._num_blocks()
         self._allocate_kv_cache()
@@ -131,7 +134,8 @@ class ModelRunner:
     def prepare(self, batch: list[tuple[Sequence, int]]) -> dict:
         """Host lists describing the step: token ids, positions, KV slots, per-sequence lengths."""
         bs = self.block_size
-        ids, pos, slots, cu, lens, tables, rows = [], [], [], [0], [], [], []
+        ids, pos, slots, cu, lens, tables, rows, subst = [], [], [], [0], [], [], [], []
+        total = 0
         for seq, n in batch:
             start = seq.num_computed_tokens
             table = seq.block_table
@@ -143,13 +147,16 @@ class ModelRunner:
                 ids.extend(seq.token_ids[start:start + n])
                 pos.extend(range(start, start + n))
                 slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
-            cu.append(cu[-1] + n)
+            total += n
+            cu.append(total)
             lens.append(start + n)
             tables.append(table)
-            if start + n == seq.num_tokens:
-                rows.append(cu[-1] - 1)
-        return dict(ids=ids, pos=pos, slots=slots, cu=cu, lens=lens, tables=tables, rows=rows,
-                    decode=len(ids) == len(batch))
+            if start + n == len(seq.token_ids):
+                rows.append(total - 1)
+            if seq.pending_row >= 0:  # the input token is still on the device, sampled by the step in flight
+                subst.append((total - 1, seq.pending_row))
+        return dict(ids=ids, pos=pos, slots=slots, cu=cu, lens=lens, tables=tables, rows=rows, subst=subst,
+                    decode=len(ids) == len(batch), lora=self.lora.prepare(batch) if self.lora else None)
 
     def _to_device(self, x: list, dtype: torch.dtype) -> torch.Tensor:
         t = torch.tensor(x, dtype=dtype)
@@ -164,16 +171,40 @@ class ModelRunner:
             block_tables=self._to_device([t + [0] * (width - len(t)) for t in step["tables"]], torch.int32),
             max_seqlen_q=max(b - a for a, b in zip(step["cu"], step["cu"][1:])), max_seqlen_k=max(step["lens"]),
             cu_seqlens_q_cpu=step["cu"], seq_lens_cpu=step["lens"], decode_only=step["decode"])
-        set_context(meta)
+        set_context(meta, None if step["lora"] is None else self._to_device(step["lora"], torch.int32))
+        ids = self._to_device(step["ids"], torch.int64)
+        self._substitute(ids, step["subst"])
         try:
-            return self.model(self._to_device(step["ids"], torch.int64), self._to_device(step["pos"], torch.int64))
+            return self.model(ids, self._to_device(step["pos"], torch.int64))
         finally:
             set_context(None)
 
+    def copy_to_host(self, t: torch.Tensor) -> tuple[torch.Tensor, "torch.cuda.Event | None"]:
+        """Start copying t to host memory; returns the copy and an event that completes with it."""
+        if self.device.type != "cuda":
+            return t, None
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
+    def _substitute(self, ids: torch.Tensor, subst: list[tuple[int, int]]) -> None:
+        """Fill placeholder input ids from the previous step's sampled tokens, on the device."""
+        if not subst:
+            return
+        dst, src = zip(*subst)
+        n = len(subst)
+        if dst == src and dst[-1] == n - 1:  # steady decode: same sequences in the same order
+            ids[:n] = self.prev_tokens[:n]
+        else:
+            ids[self._to_device(list(dst), torch.int64)] = self.prev_tokens[self._to_device(list(src), torch.int64)]
+
     @torch.inference_mode()
-    def run(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
-        """fp32 logits for the sequences that reached the end of their known tokens, in batch order."""
+    def run(self, batch: list[tuple[Sequence, int]], prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (model dtype) for the sequences that reached the end of their known tokens, in batch order."""
         step = self.prepare(batch)
+        self.prev_tokens = prev_tokens
         graphs = self.graphs
         if graphs is not None and step["decode"] and len(batch) <= graphs.max_batch:
             hidden = graphs.replay(step)
@@ -182,7 +213,7 @@ class ModelRunner:
         rows = step["rows"]
         if len(rows) != hidden.shape[0]:
             hidden = hidden[self._to_device(rows, torch.int64)]
-        return self.model.logits(hidden).float()
+        return self.model.logits(hidden)
 
     def capture_graphs(self) -> None:
         self.graphs = None
@@ -209,16 +240,22 @@ class DecodeGraphs:
         self.lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.tables = torch.zeros(n, width, dtype=torch.int32, device=dev)
         self.cu = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        # per-token LoRA slots (-1: base model): with adapters enabled every graph holds the LoRA kernels
+        self.lora_slots = torch.full((n,), -1, dtype=torch.int32, device=dev) if runner.lora else None
+        self.lora_staging = torch.full((n,), -1, dtype=torch.int32).pin_memory() if runner.lora else None
         # each step's inputs go up in one copy: ids, pos, slots, lens, then the block table, packed
-        self.staging = torch.zeros(4 * n + n * width, dtype=torch.int64).pin_memory()
-        self.staging_dev = torch.zeros_like(self.staging, device=dev)
+        # Two host buffers, alternating: with pipelined steps the host fills the next step's inputs while the
+        # previous copy may still be queued.
+        self.staging = [torch.zeros(4 * n + n * width, dtype=torch.int64).pin_memory() for _ in range(2)]
+        self.staging_dev = torch.zeros_like(self.staging[0], device=dev)
+        self.flip = 0
         self.width = width
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         pool = None
         model = runner.model
         for size in reversed(self.sizes):
             meta = self._meta(size)
-            set_context(meta)
+            set_context(meta, None if self.lora_slots is None else self.lora_slots[:size])
             try:
                 for _ in range(2):  # warm up: Triton compiles and autotunes outside the capture
                     model(self.ids[:size], self.pos[:size])
@@ -244,21 +281,29 @@ class DecodeGraphs:
         size = next(s for s in self.sizes if s >= b)
         pad = size - b
         widest = max(len(t) for t in step["tables"])
-        flat = (step["ids"] + [0] * pad + step["pos"] + [0] * pad + step["slots"] + [-1] * pad
-                + step["lens"] + [1] * pad)
-        for t in step["tables"]:
-            flat += t
-            flat += [0] * (widest - len(t))
-        flat += [0] * (pad * widest)
-        used = len(flat)
-        self.staging[:used] = torch.tensor(flat, dtype=torch.int64)
+        # numpy fills the pinned buffer far faster than torch.tensor(list) builds one
+        self.flip ^= 1
+        host = self.staging[self.flip]
+        st = host.numpy()
+        st[0:b], st[size:size + b] = step["ids"], step["pos"]
+        st[2 * size:2 * size + b], st[3 * size:3 * size + b] = step["slots"], step["lens"]
+        st[b:size], st[size + b:2 * size], st[2 * size + b:3 * size], st[3 * size + b:4 * size] = 0, 0, -1, 1
+        used = 4 * size + size * widest
+        table = st[4 * size:used].reshape(size, widest)
+        table[:] = 0
+        for i, t in enumerate(step["tables"]):
+            table[i, :len(t)] = t
         dev = self.staging_dev[:used]
-        dev.copy_(self.staging[:used], non_blocking=True)
+        dev.copy_(host[:used], non_blocking=True)
         self.ids[:size].copy_(dev[:size])
         self.pos[:size].copy_(dev[size:2 * size])
         self.slots[:size].copy_(dev[2 * size:3 * size])
         self.lens[:size].copy_(dev[3 * size:4 * size])
-        self.tables[:size, :widest].copy_(dev[4 * size:].view(size, widest))
+        self.tables[:size, :widest].copy_(dev[4 * size:used].view(size, widest))
+        self.runner._substitute(self.ids, step["subst"])
+        if self.lora_slots is not None:
+            self.lora_staging[:size] = torch.tensor((step["lora"] or [-1] * b) + [-1] * pad, dtype=torch.int32)
+            self.lora_slots[:size].copy_(self.lora_staging[:size], non_blocking=True)
         graph, out = self.graphs[size]
         graph.replay()
         return out[:b]

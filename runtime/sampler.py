@@ -89,24 +89,41 @@ def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return probs
 
 
+def needs_host(seqs: list[Sequence]) -> bool:
+    """Whether sampling these rows needs host-side data (token histories, logprobs): then the tokens must
+    be read back before the next step can be launched."""
+    return not all(s.request.device_sampling for s in seqs)
+
+
+def sample_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Token ids as a device tensor, without reading anything back: greedy rows take the argmax in the
+    model's dtype (the same winner as in fp32); random rows run the filters and the race in fp32."""
+    tokens = logits.argmax(-1)
+    random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+    if random_rows:
+        rows = torch.tensor(random_rows, device=logits.device)
+        sub = [seqs[i] for i in random_rows]
+        probs = _filter(logits[rows].float(), sub)
+        seeds = torch.tensor([s.seed for s in sub], device=logits.device, dtype=torch.int64)
+        steps = torch.tensor([s.num_output_tokens for s in sub], device=logits.device, dtype=torch.int64)
+        race = probs / -torch.log(uniform_noise(seeds, steps, probs.shape[1]))
+        tokens[rows] = race.argmax(-1)
+    return tokens
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: set[int]) -> SampleResult:
-    """logits: [B, vocab] fp32, one row per sequence in `seqs`."""
+    """logits: [B, vocab], one row per sequence in `seqs`; the full path with penalties, min_tokens and
+    logprobs. Reads the tokens back."""
+    if not needs_host(seqs):
+        return SampleResult(sample_tokens(logits, seqs).tolist(), [None] * len(seqs))
+    logits = logits.float()
     raw = logits
     if any(s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty
            or s.num_output_tokens < s.params.min_tokens for s in seqs):
         logits = logits.clone()
         _penalise(logits, seqs)
         _block_stops(logits, seqs, eos_ids)
-    tokens = logits.argmax(-1)
-    random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]  # host-side: no device sync
-    if random_rows:
-        rows = torch.tensor(random_rows, device=logits.device)
-        sub = [seqs[i] for i in random_rows]
-        probs = _filter(logits[rows], sub)
-        seeds = torch.tensor([s.seed for s in sub], device=logits.device, dtype=torch.int64)
-        steps = torch.tensor([s.num_output_tokens for s in sub], device=logits.device, dtype=torch.int64)
-        race = probs / -torch.log(uniform_noise(seeds, steps, probs.shape[1]))
-        tokens[rows] = race.argmax(-1)
+    tokens = sample_tokens(logits, seqs)
     token_list = tokens.tolist()
     return SampleResult(token_list, _logprobs(raw, seqs, tokens, token_list))
 

@@ -19,6 +19,15 @@ class EngineStats:
     num_requests_finished: int = 0
     running_loras: list[str] = field(default_factory=list)
     waiting_loras: list[str] = field(default_factory=list)
+    # KV offload (runtime/kv_offload.py); per-tier dicts are keyed "cpu", "disk", "remote"
+    kv_offload_hits: dict[str, int] = field(default_factory=dict)  # chunks restored, by the tier they came from
+    kv_offload_misses: int = 0  # chunk lookups at admission found in no tier
+    kv_offload_recomputed: int = 0  # chunks found but recomputed, since that was estimated faster
+    kv_offload_chunks_saved: dict[str, int] = field(default_factory=dict)
+    kv_offload_saves_dropped: int = 0  # chunks not saved because the writer's queue was full
+    kv_offload_bytes_loaded: dict[str, int] = field(default_factory=dict)
+    kv_offload_bytes_saved: dict[str, int] = field(default_factory=dict)
+    kv_offload_tokens_restored: int = 0  # tokens not computed because their chunks were loaded
 
 
 @dataclass

@@ -7,7 +7,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from kvserve.kernels import ops
-from kvserve.runtime.context import get_context
+from kvserve.runtime.context import get_context, get_lora_slots
 
 
 def _empty(*shape) -> nn.Parameter:
@@ -28,13 +28,21 @@ class Linear(nn.Module):
         for p in (self.weight, self.bias):
             if p is not None:
                 p.weight_loader, p.num_shards = self._load, len(self.shards)
+        # LoRA slots, set by runtime/lora.py: A [slots, shards * R, in], B [slots, out, R], scale [slots]
+        self.lora_a = self.lora_b = self.lora_scale = None
 
     def _load(self, param: nn.Parameter, tensor: torch.Tensor, shard: int = 0) -> None:
         start = sum(self.shards[:shard])
         param.data[start:start + self.shards[shard]].copy_(tensor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
+        slots = get_lora_slots()
+        # With slots, the branch runs whatever their values, so the decode CUDA graphs hold it.
+        if self.lora_a is not None and slots is not None:
+            ops.lora_expand(y, ops.lora_shrink(x, self.lora_a, slots), self.lora_b, self.lora_scale, slots,
+                            self.shards)
+        return y
 
 
 class Embedding(nn.Module):
