@@ -21,7 +21,7 @@ serve: install
 	$(BIN)/kvserve serve $(ARGS)
 
 test: install
-	$(BIN)/pytest -n 2 $(PYTEST_ARGS)
+	$(BIN)/pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 test-fast: install
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Everything that needs the GPU, in one call: GPU tests, kernel bench, throughput (W1), batch-1 latency.
-# Usage (repo root, on the GPU machine): bash bench/gpu_all.sh [tests|kernels|throughput|latency ...]
+# Everything that needs the GPU, in one call: GPU tests, kernel bench, throughput (W1), batch-1 latency,
+# LoRA throughput, KV offload.
+# Usage (repo root, on the GPU machine): bash bench/gpu_all.sh [tests|kernels|sweep|throughput|latency|lora|offload ...]
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 if [ -d .whl ]; then
@@ -16,8 +17,12 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 for s in $steps; do
   echo "=== $s"
   case $s in
-    tests) python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gpu_path.py 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
-    kernels) python3 bench/kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -15 ;;
+    tests) python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gpu_path.py tests/test_lora_kernels.py \
+             2>&1 | tee "$OUT/tests.log" | tail -25 ;;
+    kernels) python3 bench/kernels.py 2>&1 | tee "$OUT/kernels.log" | grep -v Warn | tail -6 ;;
+    sweep) python3 bench/kernels.py --sweep 2>&1 | tee "$OUT/sweep.log" | grep -v Warn | tail -6 ;;
+    lora) python3 bench/lora_throughput.py 2>&1 | tee "$OUT/lora.log" | grep -v Warn | tail -4 ;;
+    offload) python3 bench/offload.py 2>&1 | tee "$OUT/offload.log" | grep -v Warn | tail -8 ;;
     throughput) python3 bench/throughput.py ${THROUGHPUT_ARGS:-} 2>&1 | tee "$OUT/throughput.log" | grep -v Warning | tail -8 ;;
     latency) python3 bench/latency.py 2>&1 | tee "$OUT/latency.log" | tail -4 ;;
   esac

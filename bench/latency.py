@@ -26,7 +26,6 @@ def main():
               max_model_len=4096, max_num_seqs=8, gpu_memory_utilization=0.5, enable_prefix_caching=False)
     prompt = list(range(1000, 1000 + args.prompt_len))
     llm.generate(prompt, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))  # warm-up
-    first = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))  # noqa: F841
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     llm.generate(prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))

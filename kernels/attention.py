@@ -226,12 +226,11 @@ class Tiles:
 
 
 def tiles_for(head_dim: int, decode: bool) -> Tiles:
-    """Decode rows are memory-bound: 16 padded rows (Hopper's mma.sync path) with 8-16 KB K/V steps and five
-    stages, which the pipeliner turns into double-buffered K/V in about 38 KB of shared memory (and 72-92
-    registers), so about five programs share an SM. Prefill rows are compute-bound: 64 rows (wgmma) reuse
-    each K/V step."""
+    """Decode rows are memory-bound: 16 padded rows (Hopper's mma.sync path) with 128-key K/V steps, 8 warps
+    and 4 stages: the best of bench/kernels.py --sweep on the H100 at all three shapes (docs/PERF.md), 1-2 %
+    ahead of 32-key steps with 4 warps. Prefill rows are compute-bound: 64 rows (wgmma) reuse each K/V step."""
     if decode:
-        return Tiles(16, max(16, 4096 // head_dim), 4, 5)
+        return Tiles(16, 128, 8, 4)
     return Tiles(64, 64 if head_dim <= 128 else 32, 4, 3)
 
 

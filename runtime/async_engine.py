@@ -77,6 +77,7 @@ class AsyncEngine:
                         busy = False
                     self._wake.wait(timeout=1.0)
                     self._wake.clear()
+                    self._stats = self.engine.stats()  # background work (offload saves) moves counters
                     continue
                 busy = True
                 outputs, step_stats = self.engine.step()

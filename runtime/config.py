@@ -1,5 +1,5 @@
 """Engine configuration: one plain dataclass, field names after vLLM's engine arguments."""
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 
 @dataclass

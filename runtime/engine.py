@@ -20,7 +20,7 @@ from kvserve.runtime.outputs import CompletionOutput, RequestMetrics, RequestOut
 from kvserve.runtime.sampler import needs_host, sample, sample_tokens
 from kvserve.runtime.sampling_params import SamplingParams
 from kvserve.runtime.scheduler import Scheduler
-from kvserve.runtime.sequence import Request, Sequence, Status
+from kvserve.runtime.sequence import Request, Sequence
 from kvserve.runtime.stats import EngineStats, RequestEvent, StepStats
 
 log = logging.getLogger("kvserve.engine")
@@ -224,7 +224,7 @@ class Engine:
         cache_blocks = self.block_manager.cache_full_blocks if self.block_manager.enable_prefix_caching else None
         for seq, n in batch:
             seq.num_computed_tokens += n
-            if cache_blocks is not None:
+            if cache_blocks is not None and seq.pending_row < 0:  # a placeholder is hashed once it is known
                 cache_blocks(seq)
             if seq.num_computed_tokens == len(seq.token_ids):
                 sampling.append(seq)
@@ -257,10 +257,15 @@ class Engine:
             if seq.pending_row >= 0:
                 seq.token_ids.pop()  # the placeholder; _append puts the real token in its place
                 seq.pending_row = -1
+                placeholder_filled = True
+            else:
+                placeholder_filled = False
             if seq.finished:  # aborted, or stopped while this step was in flight
                 continue
             req = seq.request
             self._append(seq, token_ids[i], logprobs[i])
+            if placeholder_filled and not seq.finished and self.block_manager.enable_prefix_caching:
+                self.block_manager.cache_full_blocks(seq)  # the blocks the step in flight filled
             if req.first_token_time is None:
                 req.first_token_time = now
                 first.add(req.request_id)

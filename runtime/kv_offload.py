@@ -226,7 +226,8 @@ class KVOffload:
         self.s_per_token: float | None = None  # prefill seconds per token, from this engine's own steps
         self.read_bw = dict(INITIAL_READ_BW)
         self.copy_bw = self._probe_copy_bandwidth()  # host -> KV cache
-        self._copy_s = 0.0  # estimated seconds of this step's copies up that the device still had to do
+        # copies up queued on the device and not yet taken out of a step's time: (when queued, estimated seconds)
+        self._copies: list[tuple[float, float]] = []
         log.info("KV offload: chunks of %d blocks (%.1f MiB), tiers %s, policy %s, host->cache copy %.1f GB/s",
                  self.chunk_blocks, nbytes / 2**20, ", ".join(self._describe(t) for t in self.tiers), self.policy,
                  self.copy_bw / 1e9)
@@ -396,14 +397,17 @@ class KVOffload:
         seq.num_computed_tokens += total * bs
         self.bm.cache_full_blocks(seq)
         self.stats.add(tokens_restored=total * bs)
-        if self.cuda:  # the copies run on the step's stream, ahead of its forward pass
-            self._copy_s += len(plan) * self.spec.nbytes / self.copy_bw
+        if self.cuda:  # the copies run on the compute stream, ahead of the next step's forward pass
+            self._copies.append((time.perf_counter(), len(plan) * self.spec.nbytes / self.copy_bw))
         return total * bs
 
     # -- the load-or-recompute estimate --------------------------------------------------------------------------
     def observe_step(self, tokens: int, seconds: float) -> None:
-        """A step's computed tokens and its time (model forward and sampling): prefill throughput."""
-        seconds, self._copy_s = seconds - self._copy_s, 0.0
+        """A step's computed tokens and its time, from its launch to its tokens on the host: prefill
+        throughput. Copies up queued before the launch ran ahead of it on the device: their time is taken out."""
+        started = time.perf_counter() - seconds
+        seconds -= sum(c for t, c in self._copies if t <= started)
+        self._copies = [(t, c) for t, c in self._copies if t > started]
         if tokens < MIN_PREFILL_TOKENS or seconds <= 0:
             return
         x = seconds / tokens

@@ -15,17 +15,18 @@ class LLM:
         return self.engine.tokenizer
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 lora_request: str | None = None) -> list[RequestOutput]:
+                 lora_request: str | list[str | None] | None = None) -> list[RequestOutput]:
         """prompts: a string, a list of token ids, or a list of either. Returns outputs in prompt order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params or SamplingParams()
         params = params if isinstance(params, list) else [params] * len(prompts)
+        loras = lora_request if isinstance(lora_request, list) else [lora_request] * len(prompts)
         ids = []
-        for prompt, p in zip(prompts, params):
+        for prompt, p, lora in zip(prompts, params, loras):
             rid = str(self._next_id)
             self._next_id += 1
-            self.engine.add_request(prompt, p, rid, lora_request, stream=False)
+            self.engine.add_request(prompt, p, rid, lora, stream=False)
             ids.append(rid)
         done: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished():

@@ -227,7 +227,7 @@ class DecodeGraphs:
 
     def __init__(self, runner: ModelRunner):
         self.runner = runner
-        dev, cfg = runner.device, runner.cfg
+        dev = runner.device
         self.max_batch = min(runner.config.max_num_seqs, 512)
         self.sizes = [s for s in [1, 2, 4, 8] + list(range(16, self.max_batch + 16, 16)) if s <= self.max_batch]
         if self.sizes[-1] != self.max_batch:

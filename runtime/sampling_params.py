@@ -2,7 +2,7 @@
 
 Validation raises ValueError with a message naming the field: every protocol adapter turns that into a 4xx.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 _GREEDY_EPS = 1e-5
 

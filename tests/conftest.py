@@ -24,3 +24,23 @@ def tiny_model(tmp_path_factory):
         return cache[kind]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A real `kvserve serve` on the embedded model, on free loopback ports, for one test module."""
+    from server import start_server
+
+    s = start_server()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def llm():
+    """The offline engine with the server's settings: the reference for what the server must answer."""
+    from server import ENGINE, MODEL_DIR
+
+    from kvserve import LLM
+
+    return LLM(str(MODEL_DIR), **ENGINE)

@@ -191,6 +191,17 @@ def test_rms_norm_per_head_fp32_weight():
     assert_close(out, expected, torch.float16)
 
 
+def test_rms_norm_reads_heads_of_a_strided_view_in_place():
+    # q inside the fused qkv output: rows of heads with a token stride of the whole qkv width, no copy made
+    qkv = torch.randn(6, (4 + 2 + 2) * 32, device=DEVICE)
+    q = qkv[:, 4 * 32:6 * 32].view(6, 2, 32)  # the k part: a non-zero offset too
+    assert not q.is_contiguous()
+    weight = torch.randn(32, device=DEVICE)
+    out = norm.rms_norm(q, weight, 1e-6)
+    assert out.is_contiguous()
+    assert_close(out, ref.rms_norm_ref(q, weight, 1e-6), torch.float32)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("inplace", [False, True])
 def test_rotary(inplace, dtype):

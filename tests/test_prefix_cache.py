@@ -47,3 +47,17 @@ def test_evicted_blocks_are_recomputed_correctly(tiny_model):
     again = [o.outputs[0].token_ids for o in llm.generate(prompts[::-1], GREEDY)][::-1]
     assert first == again
     assert llm.engine.block_manager.num_free == 16
+
+
+def test_generated_blocks_are_cached_with_their_real_tokens(tiny_model):
+    # Decode steps are pipelined (a step is launched before the previous step's token is read back), so a
+    # block is hashed only once its last token is known: a follow-up turn reuses the generated blocks.
+    llm = LLM(tiny_model("llama"), block_size=4)
+    prompt = list(range(1, 11))
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
+    blocks = llm.engine.block_manager.blocks
+    assert all(-1 not in b.token_ids for b in blocks)
+    follow_up = prompt + out.outputs[0].token_ids + [5]
+    before = llm.engine.computed_prompt_tokens
+    llm.generate(follow_up, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    assert llm.engine.computed_prompt_tokens - before == len(follow_up) - 20  # 5 full blocks of 4 reused

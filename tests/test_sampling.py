@@ -1,5 +1,4 @@
 """Sampling, seeds, stops, n > 1 and detokenization."""
-import math
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """Tiny random-weight HF models (Llama, Qwen2, Qwen3, Mistral shapes) saved as HF folders, for token-exact
 comparisons with transformers. Weights are drawn wide enough that logits are well separated: a greedy
 divergence then means a real bug, not a near-tie."""
-import json
 import os
 
 import torch

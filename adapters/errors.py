@@ -1,0 +1,76 @@
+"""Error bodies for the routes kvserve adds to KServe's app.
+
+KServe answers its own errors as {"error": "message"}; the generate routes keep that shape. The OpenAI routes
+answer {"error": {"message", "type", "param", "code"}} as OpenAI's API does, so the SDK raises its typed errors.
+Request bodies that fail schema validation get 400 (not FastAPI's 422) with the field named in the message.
+"""
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
+
+OPENAI_PREFIXES = ("/openai/v1/", "/v1/completions", "/v1/chat/", "/v1/models")
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+          429: "rate_limit_exceeded", 500: "server_error", 503: "server_error"}
+
+
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    @classmethod
+    def from_exception(cls, e: Exception) -> "OpenAIError":
+        if isinstance(e, OpenAIError):
+            return e
+        if isinstance(e, ModelNotFound):
+            return cls(404, str(e), "model", "model_not_found")
+        if isinstance(e, ModelNotReady):
+            return cls(503, str(e))
+        if isinstance(e, (InvalidInput, ValueError)):
+            return cls(400, str(e))
+        return cls(500, f"internal error: {type(e).__name__}: {e}")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": _TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def _describe(exc: RequestValidationError) -> tuple[str, str | None]:
+    parts, first_param = [], None
+    for err in exc.errors():
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        if err.get("type") == "json_invalid":
+            parts.append(f"request body is not valid JSON: {err.get('ctx', {}).get('error', 'decode error')} "
+                         f"at character {loc[0] if loc else '?'}")
+            param = None
+        elif err.get("type") == "extra_forbidden":
+            parts.append(f"unrecognized request argument supplied: {param}")
+        else:
+            parts.append(f"{param or 'body'}: {err.get('msg', 'invalid')}")
+        first_param = first_param or param
+    return "; ".join(parts) or "invalid request body", first_param
+
+
+async def _validation_error(request: Request, exc: RequestValidationError):
+    message, param = _describe(exc)
+    content_type = request.headers.get("content-type", "")
+    if content_type and "json" not in content_type and request.method == "POST":
+        message = f"request body must be JSON (Content-Type: application/json, got {content_type}); {message}"
+    if request.url.path.startswith(OPENAI_PREFIXES):
+        return OpenAIError(400, message, param).response()
+    return JSONResponse({"error": message}, status_code=400)
+
+
+async def _openai_error(request: Request, exc: OpenAIError):
+    return exc.response()
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(OpenAIError, _openai_error)
