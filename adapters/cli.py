@@ -126,8 +126,9 @@ def engine_config(args: argparse.Namespace, model_dir: Path, settings: dict) -> 
     if unknown:
         raise ValueError(f"{model_dir / 'kvserve.json'}: unknown engine argument(s) {', '.join(unknown)}")
     explicit = {k: getattr(args, k) for k in known if getattr(args, k) is not None}
-    if "lora_modules" in explicit:
-        explicit["lora_modules"] = dict(explicit["lora_modules"])
+    if "lora_modules" in explicit:  # s3:// and hf:// adapters are fetched into the cache first
+        from kvserve.adapters.model_source import resolve_adapter_dir
+        explicit["lora_modules"] = {name: str(resolve_adapter_dir(uri)) for name, uri in explicit["lora_modules"]}
     return EngineConfig.from_kwargs(model=str(model_dir), **{**from_settings, **explicit})
 
 
@@ -151,6 +152,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from kvserve.adapters.errors import install_error_handlers
     from kvserve.adapters.generate_api import register_generate_routes
+    from kvserve.adapters.lora_api import Adapters, register_lora_routes
     from kvserve.adapters.metrics import EngineMetrics
     from kvserve.adapters.openai_api import register_openai_routes
     from kvserve.adapters.predictor import KVServeModel
@@ -168,6 +170,10 @@ def serve(args: argparse.Namespace) -> int:
     server = kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=1,
                                 max_threads=args.max_threads, enable_grpc=args.enable_grpc,
                                 enable_docs_url=args.enable_docs_url)
+    # KServe adds its own routes in start(): these answer the repository paths for adapters first.
+    adapters = Adapters(model, server.registered_models)
+    adapters.register_loaded()
+    register_lora_routes(app, adapters, server.model_repository_extension)
     if args.api_key:  # after ModelServer: it configures logging
         logging.getLogger("kvserve").warning("--api-key is recorded; this build does not check it yet")
     server.start([model])

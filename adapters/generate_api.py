@@ -18,7 +18,8 @@ from kvserve.adapters.predictor import KVServeModel
 from kvserve.adapters.streams import SSEResponse, collect, prepend, sse, unless_disconnected
 from kvserve.runtime.outputs import RequestOutput
 
-GenerateParameters = create_model("GenerateParameters", __base__=SamplingFields, stream=(bool | None, None))
+GenerateParameters = create_model("GenerateParameters", __base__=SamplingFields, stream=(bool | None, None),
+                                  lora=(str | None, None))
 
 
 class GenerateRequest(SamplingFields):
@@ -26,6 +27,7 @@ class GenerateRequest(SamplingFields):
         "example": {"text_input": "The lighthouse keeper", "parameters": {"max_tokens": 16, "temperature": 0}}})
     text_input: str
     id: str | None = None
+    lora: str | None = None  # a LoRA adapter to run (or address the adapter by name in the URL)
     parameters: GenerateParameters | None = None
 
 
@@ -41,12 +43,14 @@ def register_generate_routes(app: FastAPI, model: KVServeModel) -> None:
     router = APIRouter(prefix="/v2/models/{model_name}", tags=["generate"])
 
     def prepare(model_name: str, body: GenerateRequest, request: Request):
-        if model_name != model.name:
+        resolved = (model_name, None) if model_name == model.name else model.resolve(model_name)
+        if resolved is None:
             raise ModelNotFound(model_name)
         fields = body.parameters.model_dump(exclude_none=True) if body.parameters else {}
         fields.update(body.model_dump(exclude_none=True, exclude={"text_input", "id", "parameters"}))
+        lora = resolved[1] or fields.pop("lora", None)
         base, (rid,) = request_ids(body.id or request.headers.get("x-request-id"), 1)
-        return model.stream(body.text_input, sampling_params(fields), rid), base
+        return model.stream(body.text_input, sampling_params(fields), rid, lora), base
 
     @router.post("/generate")
     async def generate(model_name: str, body: GenerateRequest, request: Request, response: Response):

@@ -17,7 +17,8 @@ from kvserve.adapters.model_source import LogProgress, ModelSourceError, check_l
 WORKERS = 8
 
 
-def fetch_hf(ref: str, cache_dir: Path | None, allow_pickle: bool) -> Path:
+def fetch_hf(ref: str, cache_dir: Path | None, allow_pickle: bool, patterns: list[str] | None = None) -> Path:
+    """A model's serving files, or only the files matching `patterns` (a LoRA adapter's)."""
     repo_id, _, revision = ref.partition("@")
     env = os.environ.get
     endpoint = (env("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
@@ -28,7 +29,7 @@ def fetch_hf(ref: str, cache_dir: Path | None, allow_pickle: bool) -> Path:
     where = f"{repo_id}@{revision}" if revision else repo_id
 
     def snapshot(pickles: bool) -> Path:
-        allow, ignore = serving_patterns(pickles)
+        allow, ignore = (patterns, []) if patterns else serving_patterns(pickles)
         return Path(snapshot_download(
             repo_id, revision=revision or None, cache_dir=cache, endpoint=endpoint, token=token,
             local_files_only=offline, allow_patterns=allow, ignore_patterns=ignore, max_workers=WORKERS,
@@ -36,6 +37,8 @@ def fetch_hf(ref: str, cache_dir: Path | None, allow_pickle: bool) -> Path:
 
     try:
         path = snapshot(pickles=False)
+        if patterns:
+            return path
         if not any(path.glob("*.safetensors")):
             # Pickles only when the repo has no safetensors weights: many carry both.
             if allow_pickle:

@@ -68,6 +68,29 @@ def resolve_model_dir(model_dir: str, model_name: str | None = None, *, cache_di
     return path
 
 
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def resolve_adapter_dir(source: str, cache_dir: str | None = None) -> Path:
+    """A LoRA adapter's local folder, s3://bucket/prefix or hf://org/name[@rev] -> its local folder. Fetched
+    adapters land under the kvserve cache, one of the engine's allowed adapter roots."""
+    source = str(source).strip().removeprefix("file://")
+    if source.startswith("s3://"):
+        from kvserve.adapters.s3_source import fetch_s3_files
+        path = fetch_s3_files(source, cache_root(cache_dir) / "s3", ADAPTER_FILES)
+    elif source.startswith("hf://"):
+        from kvserve.adapters.hf_source import fetch_hf
+        path = fetch_hf(source.removeprefix("hf://"), cache_root(cache_dir) / "hf", False, ADAPTER_FILES)
+    elif "://" in source:
+        raise ModelSourceError(f"unsupported adapter source {source!r}: use a local folder, s3://bucket/prefix "
+                               "or hf://org/name[@revision]")
+    else:
+        path = Path(source).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        raise ModelSourceError(f"{source}: no adapter_config.json there (not a PEFT LoRA adapter)")
+    return path
+
+
 def cache_root(cache_dir: str | None = None) -> Path:
     return Path(cache_dir or os.environ.get("KVSERVE_CACHE_DIR") or "~/.cache/kvserve").expanduser()
 

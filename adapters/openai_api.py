@@ -60,10 +60,12 @@ class _Usage:
 
 
 def register_openai_routes(app: FastAPI, model: KVServeModel) -> None:
-    def served_name(requested: str | None) -> str:
-        if requested is not None and requested not in model.served_names:
+    def served_name(requested: str | None) -> tuple[str, str | None]:
+        """The model name to answer with, and the LoRA adapter it names (None: the base model)."""
+        resolved = model.resolve(requested)
+        if resolved is None:
             raise OpenAIError(404, f"The model `{requested}` does not exist.", "model", "model_not_found")
-        return requested or model.served_names[0]
+        return resolved
 
     def sampling(body, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         if body.logit_bias:
@@ -136,7 +138,7 @@ def register_openai_routes(app: FastAPI, model: KVServeModel) -> None:
 
     @_openai_errors
     async def completions(body: CompletionRequest, request: Request, response: Response):
-        name = served_name(body.model)
+        name, lora = served_name(body.model)
         for field, ok in (("echo", not body.echo), ("suffix", body.suffix is None),
                           ("best_of", body.best_of in (None, body.n))):
             if not ok:
@@ -147,7 +149,7 @@ def register_openai_routes(app: FastAPI, model: KVServeModel) -> None:
             raise OpenAIError(400, "prompt must not be empty", "prompt")
         params = sampling(body, body.max_tokens, body.logprobs)
         base, ids = request_ids(request.headers.get("x-request-id"), len(prompts))
-        streams = [model.stream(p, params, rid) for p, rid in zip(prompts, ids)]
+        streams = [model.stream(p, params, rid, lora) for p, rid in zip(prompts, ids)]
         head = {"id": f"cmpl-{base}", "object": "text_completion", "created": int(time.time()), "model": name}
         usage, offsets = _Usage(), {}
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -183,7 +185,7 @@ def register_openai_routes(app: FastAPI, model: KVServeModel) -> None:
 
     @_openai_errors
     async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response):
-        name = served_name(body.model)
+        name, lora = served_name(body.model)
         if body.tools:
             raise OpenAIError(400, "tools are not supported", "tools")
         if body.response_format and body.response_format.get("type") != "text":
@@ -215,7 +217,8 @@ def register_openai_routes(app: FastAPI, model: KVServeModel) -> None:
         def final_chunk():
             return {**head, "choices": [], "usage": usage.body()} if include_usage else None
 
-        results = await run(request, [model.stream(prompt, params, rid)], body.stream, on_delta, final_chunk)
+        results = await run(request, [model.stream(prompt, params, rid, lora)], body.stream, on_delta,
+                            final_chunk)
         if not body.stream:
             if results is None:
                 return Response(status_code=499)
@@ -242,12 +245,17 @@ def register_openai_routes(app: FastAPI, model: KVServeModel) -> None:
         return tok(text, add_special_tokens=False)["input_ids"]
 
     def model_card(name: str) -> dict:
-        return {"id": name, "object": "model", "created": model.created, "owned_by": "kvserve",
-                "root": str(model.config.model)}
+        card = {"id": name, "object": "model", "created": model.created, "owned_by": "kvserve",
+                "root": str(model.config.model), "parent": None}
+        if name in model.adapters():  # vLLM's shape: an adapter names its base model as parent
+            info = next(i for i in model.async_engine.list_loras() if i.name == name)
+            card.update(root=str(info.path), parent=model.served_names[0])
+        return card
 
     @_openai_errors
     async def list_models():
-        return {"object": "list", "data": [model_card(model.served_names[0])], "models": [model.name]}
+        names = [model.served_names[0], *model.adapters()]
+        return {"object": "list", "data": [model_card(n) for n in names], "models": [model.name, *model.adapters()]}
 
     @_openai_errors
     async def get_model(model_id: str):

@@ -40,6 +40,8 @@ LIST_PARAMS = {name for name, (typ, _) in SAMPLING_PARAMS.items() if typ in (lis
 TRANSPORT_PARAMS = {"binary_data_output", "binary_data", "binary_data_size", "stream", "headers",
                     "triton_enable_empty_final_response", "sequence_id", "sequence_start", "sequence_end",
                     "priority", "timeout"}
+# Request parameters that route a request rather than shape its sampling: the LoRA adapter to run.
+ROUTING_PARAMS = {"lora"}
 
 # The generate extension's schema for the same parameters (top level and under "parameters").
 SamplingFields = create_model(
@@ -105,7 +107,7 @@ def utf8(raw: bytes, what: str) -> str:
 
 def check_names(names, where: str) -> None:
     """Reject parameters nobody reads: a typo like 'max_token' must not be silently ignored."""
-    unknown = sorted(set(names) - set(SAMPLING_PARAMS) - TRANSPORT_PARAMS)
+    unknown = sorted(set(names) - set(SAMPLING_PARAMS) - TRANSPORT_PARAMS - ROUTING_PARAMS)
     if unknown:
         raise InvalidInput(f"unknown {where} {', '.join(map(repr, unknown))}; "
                            f"known: {', '.join(SAMPLING_PARAMS)}")

@@ -61,11 +61,27 @@ class KVServeModel(Model):
         return self.async_engine.tokenizer
 
     # -- the one way into the engine ------------------------------------------------------------------
-    async def stream(self, prompt: str | list[int], params: SamplingParams,
-                     request_id: str) -> AsyncIterator[RequestOutput]:
+    def adapters(self) -> list[str]:
+        """Names of the LoRA adapters loaded into the engine."""
+        if self.async_engine is None or not self.config.max_loras:
+            return []
+        return [info.name for info in self.async_engine.list_loras()]
+
+    def resolve(self, name: str | None) -> tuple[str, str | None] | None:
+        """A requested model name -> (the name to answer with, the adapter to run); None if unknown."""
+        if name is None:
+            return self.served_names[0], None
+        if name in self.served_names:
+            return name, None
+        if name in self.adapters():
+            return name, name
+        return None
+
+    async def stream(self, prompt: str | list[int], params: SamplingParams, request_id: str,
+                     lora: str | None = None) -> AsyncIterator[RequestOutput]:
         if not await self.healthy():
             raise ModelNotReady(self.name, _dead_detail(self.async_engine))
-        async with aclosing(self.async_engine.generate(prompt, params, request_id)) as gen:
+        async with aclosing(self.async_engine.generate(prompt, params, request_id, lora)) as gen:
             started = False
             try:
                 async for delta in gen:
@@ -88,13 +104,17 @@ class KVServeModel(Model):
                 {"name": "finish_reason", "datatype": "BYTES", "shape": [-1]}]
 
     async def predict(self, payload: InferRequest, headers: dict | None = None,
-                      response_headers: dict | None = None) -> InferResponse:
+                      response_headers: dict | None = None, lora: str | None = None) -> InferResponse:
+        """`lora`: the adapter whose name the request addressed; otherwise the `lora` request parameter."""
         if not isinstance(payload, InferRequest):
             raise InvalidInput("this model speaks the v2 protocol: POST /v2/models/{name}/infer")
         prompts, fields = v2_request(payload)
+        lora = lora or plain_parameters(payload.parameters).get("lora")
+        if lora is not None and not isinstance(lora, str):
+            raise InvalidInput(f"parameter 'lora' must be an adapter name (a string), got {lora!r}")
         params = [sampling_params(f) for f in fields]
         base, ids = request_ids(payload.id or (headers or {}).get("x-request-id"), len(prompts))
-        results = await collect([self.stream(p, sp, rid) for p, sp, rid in zip(prompts, params, ids)])
+        results = await collect([self.stream(p, sp, rid, lora) for p, sp, rid in zip(prompts, params, ids)])
         outputs = [_bytes_output("text_output", [r.outputs[0].text for r in results]),
                    _bytes_output("finish_reason", [r.outputs[0].finish_reason or "" for r in results])]
         if response_headers is not None:

@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+from fnmatch import fnmatch
 import logging
 import os
 import re
@@ -84,6 +85,23 @@ def fetch_s3(uri: str, model_name: str | None, cache: Path, allow_pickle: bool) 
                              allow_pickle)
 
 
+def fetch_s3_files(uri: str, cache: Path, patterns: list[str]) -> Path:
+    """The files matching `patterns` under s3://bucket/prefix (a LoRA adapter's), verified and cached like a model."""
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    prefix = prefix.strip("/")
+    if not bucket:
+        raise ModelSourceError(f"no bucket in {uri!r}: expected s3://bucket/prefix")
+    client = _client()
+    where = f"s3://{bucket}/{prefix}/" if prefix else f"s3://{bucket}/"
+    with _explained(uri, bucket, client.meta.endpoint_url):
+        objects = [o for o in _list(client, bucket, prefix) if any(fnmatch(o.rel, p) for p in patterns)]
+        if not objects:
+            raise ModelSourceError(f"no {' or '.join(patterns)} under {where}")
+        entry = cache / bucket / prefix
+        with _locked(entry):
+            return _download(client, bucket, objects, {o.rel for o in objects}, where, entry, False)
+
+
 def _client(**config):
     """A client for the endpoint and credentials the environment names. `config`: botocore Config fields over
     the model fetcher's (the KV offload tier wants short timeouts and no retries)."""
@@ -155,7 +173,8 @@ def _download(client, bucket: str, files: list[S3Object], top: set[str], where: 
         for o in todo:
             if o.rel == "config.json":
                 _fetch(client, bucket, o, partial / o.rel, advance, stop)
-        check_listing(top, read_json(partial / "config.json"), allow_pickle, where)
+        if "config.json" in top:  # a model (adapters have none; fetch_s3 made sure models do)
+            check_listing(top, read_json(partial / "config.json"), allow_pickle, where)
         with ThreadPoolExecutor(WORKERS, thread_name_prefix="s3-fetch") as pool:
             futures = [pool.submit(_fetch, client, bucket, o, partial / o.rel, advance, stop)
                        for o in todo if o.rel != "config.json"]

@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kvserve import LLM, SamplingParams
+from tiny_models import explain_divergence
 
 KINDS = ["llama", "qwen2", "qwen3", "mistral"]
 
@@ -19,15 +20,6 @@ def _hf(folder):
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
     hf.generation_config.eos_token_id = None  # like ignore_eos: EOS is an ordinary token
     return hf
-
-
-def _explain_divergence(hf, prompt, ref, got):
-    """A divergence is only acceptable at an exact tie of HF's top two fp32 logits."""
-    i = next(j for j, (a, b) in enumerate(zip(ref, got)) if a != b)
-    with torch.no_grad():
-        logits = hf(torch.tensor([prompt + ref[:i]])).logits[0, -1]
-    top = logits.topk(2).values
-    assert top[0] == top[1], f"diverged at output {i}: HF {ref[i]} vs ours {got[i]}, logit gap {float(top[0] - top[1])}"
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -47,7 +39,7 @@ def test_greedy_matches_hf_with_preemption_and_chunked_prefill(tiny_model, kind)
         got = out.outputs[0].token_ids
         assert len(got) == 12 and out.outputs[0].finish_reason == "length"
         if ref.tolist() != got:
-            _explain_divergence(hf, prompt, ref.tolist(), got)
+            explain_divergence(hf, prompt, ref.tolist(), got)
 
 
 def test_logprobs_match_hf_log_softmax(tiny_model):

@@ -6,32 +6,18 @@ import random
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from kvserve import LLM, SamplingParams
 from kvserve.runtime.async_engine import AsyncEngine
 from kvserve.runtime.config import EngineConfig
 from kvserve.runtime.engine import Engine
+from tiny_models import ALL, explain_divergence, make_adapter
 
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 POOL = 256  # KV blocks: plenty for these tests, and no 1 GiB default pool to allocate per engine
 _ids = itertools.count()
-
-
-def make_adapter(base: str, folder, r=8, alpha=None, targets=ALL, seed=0, rslora=False, **options) -> str:
-    """A PEFT adapter saved by peft itself, with A and B drawn wide enough to move the greedy outputs."""
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    peft = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha or r, target_modules=targets,
-                                            use_rslora=rslora, **options))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 1.5 / p.shape[1] ** 0.5)
-    peft.save_pretrained(str(folder))
-    return str(folder)
 
 
 def run(engine: Engine, jobs: list[tuple[list[int], str | None]], params=GREEDY) -> tuple[list[list[int]], set]:
@@ -50,15 +36,6 @@ def run(engine: Engine, jobs: list[tuple[list[int], str | None]], params=GREEDY)
 def prompts(n, seed, lo=3, hi=30, vocab=384):
     rng = random.Random(seed)
     return [[rng.randrange(1, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
-
-
-def _explain_divergence(hf, prompt, ref, got):
-    """A divergence is only acceptable at an exact tie of HF's top two fp32 logits."""
-    i = next(j for j, (a, b) in enumerate(zip(ref, got)) if a != b)
-    with torch.no_grad():
-        logits = hf(torch.tensor([prompt + ref[:i]])).logits[0, -1]
-    top = logits.topk(2).values
-    assert top[0] == top[1], f"diverged at output {i}: HF {ref[i]} vs ours {got[i]}, gap {float(top[0] - top[1])}"
 
 
 @pytest.mark.parametrize("kind,r,rslora", [("llama", 8, False), ("llama", 16, True), ("qwen3", 16, False),
@@ -83,7 +60,7 @@ def test_greedy_matches_hf_peft(tiny_model, tmp_path, kind, r, rslora):
     for p, out in zip(ps, got):
         ref = hf.generate(input_ids=torch.tensor([p]), max_new_tokens=8, do_sample=False)[0, len(p):].tolist()
         if ref != out:
-            _explain_divergence(hf, p, ref, out)
+            explain_divergence(hf, p, ref, out)
     assert got[-1] == base_ref  # the base-model request in the same batch is untouched
     assert got[0] != base_ref  # and the adapter really moves the outputs
 

@@ -10,6 +10,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 _TEXT = ("the quick brown fox jumps over the lazy dog. a paged kv cache holds keys and values in blocks. "
          "schedulers hand out a token budget; prefill and decode share a step. café naïve 東京 🙂 ") * 20
 
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # LoRA targets
+
 SHAPES = {
     # GQA with head_dim != hidden / heads
     "llama": dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, num_hidden_layers=2,
@@ -58,3 +60,28 @@ def build_model(folder: str, kind: str, seed: int = 0, vocab_size: int = 384, **
                 p.normal_(0, 1.0 / p.shape[-1] ** 0.5 * (4.0 if "embed" in name or "lm_head" in name else 1.5))
     model.save_pretrained(folder)
     return folder
+
+
+def make_adapter(base: str, folder, r=8, alpha=None, targets=ALL, seed=0, rslora=False, **options) -> str:
+    """A PEFT adapter saved by peft itself, with A and B drawn wide enough to move the greedy outputs."""
+    from peft import LoraConfig, get_peft_model  # not on every machine that builds tiny models
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha or r, target_modules=targets,
+                                            use_rslora=rslora, **options))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 1.5 / p.shape[1] ** 0.5)
+    peft.save_pretrained(str(folder))
+    return str(folder)
+
+
+def explain_divergence(hf, prompt, ref, got):
+    """A divergence is only acceptable at an exact tie of HF's top two fp32 logits."""
+    i = next(j for j, (a, b) in enumerate(zip(ref, got)) if a != b)
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt + ref[:i]])).logits[0, -1]
+    top = logits.topk(2).values
+    assert top[0] == top[1], f"diverged at output {i}: HF {ref[i]} vs ours {got[i]}, logit gap {float(top[0] - top[1])}"
