@@ -76,8 +76,14 @@ def test_eight_adapters_and_base_in_one_batch_match_solo_runs(tiny_model, tmp_pa
                  lora_allowed_roots=[str(tmp_path)], block_size=4, enable_prefix_caching=False).engine
     ps = prompts(9, seed=7)
     jobs = [(p, name) for p, name in zip(ps, [*adapters, None])]
+    seen = []  # the order the runner gets: one adapter's tokens side by side, for the LoRA kernels' tiles
+    run_step = engine.runner.run
+    engine.runner.run = lambda batch, prev=None: seen.append([s.request.lora or "" for s, _ in batch]) or \
+        run_step(batch, prev)
     mixed, widest = run(engine, jobs)
+    engine.runner.run = run_step
     assert widest == set(adapters)  # all eight adapters ran in the same step
+    assert all(order == sorted(order) for order in seen) and any(len(set(o)) > 2 for o in seen)
     solo = [run(engine, [job])[0][0] for job in jobs]
     assert mixed == solo
     same_prompt = run(engine, [(ps[0], name) for name in [*adapters, None]])[0]
