@@ -23,6 +23,7 @@ _ENGINE_HELP = {
     "max_model_len": "context length (prompt + output); default: the model's, capped by the KV pool",
     "max_num_seqs": "most sequences in one batch",
     "max_num_batched_tokens": "token budget of one engine step",
+    "max_waiting_requests": "requests that may wait beyond the running ones; more get 503 / 429 at once",
     "block_size": "tokens per KV cache block",
     "dtype": "auto | float32 | float16 | bfloat16 (auto: bfloat16 on CUDA, float32 on CPU)",
     "device": "auto | cuda | cpu",
@@ -99,10 +100,35 @@ def build_parser() -> argparse.ArgumentParser:
     s = serve.add_argument_group("serving")
     s.add_argument("--api-key", dest="api_key", default=os.environ.get("KVSERVE_API_KEY"),
                    help="key clients must present (env KVSERVE_API_KEY)")
+    s.add_argument("--api-key-protect-health", dest="api_key_protect_health", action="store_true",
+                   help="require the key on liveness and readiness too (probes then need it)")
+    s.add_argument("--api-key-protect-metrics", dest="api_key_protect_metrics", action="store_true",
+                   help="require the key on /metrics and /v2/models/{m}/stats too")
     s.add_argument("--allow-pickle", dest="allow_pickle", action="store_true",
                    help="accept pickle (.bin/.pt) weights, which can run code when loaded")
+    s.add_argument("--max-request-bytes", dest="max_request_bytes", type=_positive(int), default=16 << 20,
+                   help="largest request body; larger ones get 413 (default: 16 MiB)")
+    s.add_argument("--max-n", dest="max_n", type=_positive(int), default=16,
+                   help="most choices one request may ask for (OpenAI `n`) (default: 16)")
+    s.add_argument("--request-timeout", dest="request_timeout", type=_positive(float), default=None,
+                   help="seconds a request may take, queueing included; a request's own `timeout` may be shorter "
+                        "(default: no limit)")
+    s.add_argument("--shutdown-grace-period", dest="shutdown_grace_period", type=_positive(float), default=30.0,
+                   help="seconds running requests get to finish after SIGTERM (default: 30)")
     _add_engine_flags(serve)
     return parser
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+        return value
+    return parse
 
 
 def _bool(text: str) -> bool:
@@ -128,8 +154,21 @@ def engine_config(args: argparse.Namespace, model_dir: Path, settings: dict) -> 
     explicit = {k: getattr(args, k) for k in known if getattr(args, k) is not None}
     if "lora_modules" in explicit:  # s3:// and hf:// adapters are fetched into the cache first
         from kvserve.adapters.model_source import resolve_adapter_dir
-        explicit["lora_modules"] = {name: str(resolve_adapter_dir(uri)) for name, uri in explicit["lora_modules"]}
+        explicit["lora_modules"] = {name: str(resolve_adapter_dir(uri)) if "://" in uri else uri
+                                    for name, uri in explicit["lora_modules"]}
     return EngineConfig.from_kwargs(model=str(model_dir), **{**from_settings, **explicit})
+
+
+def _log_to_stderr() -> None:
+    """kvserve's own log lines (download progress, model folder, KV cache size) into the pod's log. KServe
+    configures only its and uvicorn's loggers, and only once imported, after the model is fetched."""
+    logger = logging.getLogger("kvserve")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.__stderr__)  # the process's stderr, never a stream swapped in later
+        handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d %(process)s %(name)s %(levelname)s "
+                                               "%(message)s", "%Y-%m-%d %H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -138,6 +177,7 @@ def serve(args: argparse.Namespace) -> int:
     if args.workers != 1:
         return _fail(f"--workers must be 1, got {args.workers}: the engine owns the device and its KV cache, "
                      "so run more replicas instead of more workers")
+    _log_to_stderr()
     try:
         model_dir = resolve_model_dir(args.model_dir or str(DEFAULT_MODEL_DIR), args.model_name,
                                       allow_pickle=args.allow_pickle)
@@ -152,10 +192,13 @@ def serve(args: argparse.Namespace) -> int:
 
     from kvserve.adapters.errors import install_error_handlers
     from kvserve.adapters.generate_api import register_generate_routes
+    from kvserve.adapters.grpc_server import GuardedGRPCServer
+    from kvserve.adapters.guard import Guard, GuardMiddleware, Limits
+    from kvserve.adapters.lifecycle import Lifecycle
     from kvserve.adapters.lora_api import Adapters, register_lora_routes
     from kvserve.adapters.metrics import EngineMetrics
     from kvserve.adapters.openai_api import register_openai_routes
-    from kvserve.adapters.predictor import KVServeModel
+    from kvserve.adapters.predictor import KVServeModel, V2DataPlane
 
     model = KVServeModel(name, config, served_names=[config.served_model_name] if config.served_model_name else [],
                          stat_loggers=[EngineMetrics(name, config.max_loras)], api_key=args.api_key)
@@ -163,21 +206,48 @@ def serve(args: argparse.Namespace) -> int:
         model.load()
     except ValueError as e:  # engine settings the model or the device cannot honour (e.g. max_model_len)
         return _fail(str(e))
-    # Registered before ModelServer.start adds KServe's routes, so that these answer /v1/models.
+    model.limits = Limits(max_n=args.max_n, request_timeout=args.request_timeout)
+    guard = Guard(args.api_key, args.api_key_protect_health, args.api_key_protect_metrics, args.max_request_bytes)
+    app.add_middleware(GuardMiddleware, guard=guard)
+    # Registered before ModelServer.start adds KServe's routes, so that these answer /v1/models and health.
     install_error_handlers(app)
+    Lifecycle(model, args.shutdown_grace_period).register(app)
+    _document_first_routes(app)
     register_openai_routes(app, model)
     register_generate_routes(app, model)
     server = kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=1,
-                                max_threads=args.max_threads, enable_grpc=args.enable_grpc,
-                                enable_docs_url=args.enable_docs_url)
+                                max_threads=args.max_threads, enable_grpc=False, enable_docs_url=args.enable_docs_url,
+                                grace_period=args.shutdown_grace_period)
+    server.dataplane = V2DataPlane(model_registry=server.registered_models)
+    if args.enable_grpc:  # KServe's gRPC server plus the API key; ModelServer.stop stops it as its own
+        from kserve.model_server import args as kserve_args
+
+        server._grpc_server = GuardedGRPCServer(args.grpc_port, server.dataplane, server.model_repository_extension,
+                                                vars(kserve_args), args.shutdown_grace_period, guard, model)
+        server.servers.append(server._grpc_server.start(args.max_threads))
     # KServe adds its own routes in start(): these answer the repository paths for adapters first.
     adapters = Adapters(model, server.registered_models)
     adapters.register_loaded()
     register_lora_routes(app, adapters, server.model_repository_extension)
     if args.api_key:  # after ModelServer: it configures logging
-        logging.getLogger("kvserve").warning("--api-key is recorded; this build does not check it yet")
+        logging.getLogger("kvserve").info("API key required on inference and adapter routes (HTTP and gRPC)")
     server.start([model])
     return 0
+
+
+def _document_first_routes(app) -> None:
+    """kvserve's routes are registered before KServe's and answer where both have a path (/v1/models, health,
+    the repository routes), but FastAPI's schema describes the last route of a path: build it from the routes
+    in reverse, so that it describes what answers."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                             openapi_version=app.openapi_version, routes=app.routes[::-1])
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings, capped by the KV pool
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
+    max_waiting_requests: int | None = 1024  # AsyncEngine: requests waiting beyond the running ones; more are refused
     block_size: int = 16
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU; or float32 / float16 / bfloat16
     device: str = "auto"  # auto: cuda if available, else cpu
@@ -40,6 +41,27 @@ class EngineConfig:
     def __post_init__(self):
         if self.lora_modules and not self.max_loras:
             self.max_loras = 1  # adapters given: LoRA on, with vLLM's default of one slot
+        self._check()
+
+    def _check(self):
+        """Settings no engine can run with: one ValueError naming the argument (the CLI prints it as one line)."""
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_logprobs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("max_model_len", "num_gpu_blocks_override"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.cpu_kv_cache_gb <= 0:
+            raise ValueError(f"cpu_kv_cache_gb must be > 0, got {self.cpu_kv_cache_gb}")
+        if self.max_loras < 0 or self.max_lora_rank < 1:
+            raise ValueError(f"max_loras must be >= 0 and max_lora_rank >= 1, got {self.max_loras}, "
+                             f"{self.max_lora_rank}")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":

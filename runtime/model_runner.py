@@ -24,7 +24,15 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but this machine has no usable CUDA device")
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"device {name!r} is not supported: use auto, cpu or cuda")
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device, hf: dict) -> torch.dtype:

@@ -1,25 +1,20 @@
-"""Model sources against real servers on loopback: moto's S3 HTTP server (behind a relay that can drop the
-connection mid-transfer, count requests or flip bytes) and a small HTTP server answering the Hub endpoints
+"""Model sources against real servers on loopback (tests/fakes.py): moto's S3 HTTP server (behind a relay that can
+drop the connection mid-transfer, count requests or flip bytes) and a small HTTP server answering the Hub endpoints
 huggingface_hub calls."""
-import hashlib
-import http.server
 import json
 import logging
 import re
 import socket
-import threading
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import boto3
 import numpy as np
 import pytest
-from botocore.config import Config
 from moto.server import ThreadedMotoServer
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer, models
 
+from fakes import SHA, S3_ENV_CLEARED, FakeHub, Relay, admin_client, iam_key, moto_auth, repo_files, s3_env, upload
 from kvserve.adapters.model_source import (ModelSourceError, check_model_dir, read_settings, resolve_model_dir,
                                            supported_architectures)
 
@@ -52,87 +47,6 @@ def make_model(folder: Path, arch: str = "LlamaForCausalLM", big: int = 4096, se
 # ---------------------------------------------------------------------------------------------------------------- S3
 
 
-class Relay:
-    """A TCP relay in front of moto: the S3 endpoint the loader sees. It records what clients send, can cut every
-    connection once `kill_after` bytes went back (the store dying mid-download), and can rewrite bytes in flight."""
-
-    def __init__(self, upstream: int, port: int = 0):
-        self.upstream, self.kill_after, self.mangle = upstream, None, None
-        self.down, self.sent, self.socks, self.lock = 0, [], [], threading.Lock()
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", self.upstream))
-            sent = bytearray()
-            with self.lock:
-                self.socks += [client, server]
-                self.sent.append(sent)
-            threading.Thread(target=self._pump, args=(client, server, sent), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, None), daemon=True).start()
-
-    def _pump(self, src, dst, sent):
-        try:
-            while data := src.recv(65536):
-                if sent is not None:
-                    sent += data
-                else:
-                    if self.mangle:
-                        data = data.replace(*self.mangle)
-                    with self.lock:
-                        self.down += len(data)
-                        cut = self.kill_after is not None and self.down > self.kill_after
-                    if cut:
-                        self.kill()
-                        return
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                _close(s)
-
-    def kill(self):
-        _close(self.sock)
-        with self.lock:
-            for s in self.socks:
-                _close(s)
-
-    def requests(self) -> list[tuple[str, str, str]]:
-        """(method, path, headers) of every request sent through the relay (S3 GETs and HEADs carry no body)."""
-        out = []
-        with self.lock:
-            logs = [bytes(s) for s in self.sent]
-        for log in logs:
-            for block in log.split(b"\r\n\r\n"):
-                m = re.match(rb"(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP/1\.[01]\r\n(.*)", block, re.S)
-                if m:
-                    out.append((m[1].decode(), urllib.parse.unquote(m[2].decode()), m[3].decode().lower()))
-        return out
-
-    def object_gets(self, bucket: str) -> list[str]:
-        return [p.removeprefix(f"/{bucket}/") for meth, p, _ in self.requests()
-                if meth == "GET" and p.startswith(f"/{bucket}/")]
-
-
-def _close(s):
-    try:
-        s.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    s.close()
-
-
 @pytest.fixture(scope="module")
 def moto_port():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -144,39 +58,13 @@ def moto_port():
 @pytest.fixture
 def s3(moto_port, monkeypatch, tmp_path):
     """A relay to moto as the loader's endpoint, a client straight to moto for setting buckets up."""
-    for name in ("AWS_ENDPOINT_URL_S3", "S3_ENDPOINT", "S3_USE_HTTPS", "S3_VERIFY_SSL", "AWS_CA_BUNDLE",
-                 "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ANONYMOUS_CREDENTIAL", "KVSERVE_CACHE_DIR"):
+    for name in S3_ENV_CLEARED:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     relay = Relay(moto_port)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", relay.url)
-    # Without flexible checksums the ETag of a single-part upload is the content's MD5: the loader's own check.
-    admin = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{moto_port}", region_name="us-east-1",
-                         config=Config(request_checksum_calculation="when_required"))
-    yield relay, admin
+    for name, value in s3_env(relay.url, tmp_path / "none").items():
+        monkeypatch.setenv(name, value)
+    yield relay, admin_client(moto_port)
     relay.kill()
-
-
-def upload(admin, bucket: str, folder: Path, prefix: str):
-    for f in sorted(folder.rglob("*")):
-        if f.is_file():
-            key = f"{prefix}/{f.relative_to(folder).as_posix()}"
-            if f.stat().st_size > 5 << 20:
-                mpu = admin.create_multipart_upload(Bucket=bucket, Key=key)
-                data, parts = f.read_bytes(), []
-                for i, at in enumerate(range(0, len(data), 5 << 20), 1):
-                    r = admin.upload_part(Bucket=bucket, Key=key, UploadId=mpu["UploadId"], PartNumber=i,
-                                          Body=data[at:at + (5 << 20)])
-                    parts.append({"PartNumber": i, "ETag": r["ETag"]})
-                admin.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=mpu["UploadId"],
-                                                MultipartUpload={"Parts": parts})
-            else:
-                admin.put_object(Bucket=bucket, Key=key, Body=f.read_bytes())
 
 
 @pytest.fixture
@@ -276,18 +164,9 @@ def test_s3_corrupted_transfer_fails_the_checksums(s3, bucket, tmp_path, moto_po
 
 def test_s3_wrong_credentials(s3, bucket, tmp_path, monkeypatch, moto_port):
     name, _ = bucket
-    iam = boto3.client("iam", endpoint_url=f"http://127.0.0.1:{moto_port}", region_name="us-east-1")
-    iam.create_user(UserName="reader")
-    iam.put_user_policy(UserName="reader", PolicyName="all", PolicyDocument=json.dumps({
-        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
-    key = iam.create_access_key(UserName="reader")["AccessKey"]
+    key = iam_key(moto_port)
 
-    def moto_auth(count: str):
-        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{moto_port}/moto-api/reset-auth",
-                                                      data=count.encode(), method="POST",
-                                                      headers={"Content-Type": "text/plain"})).read()
-
-    moto_auth("0")  # from now on moto checks every request against its IAM users
+    moto_auth(moto_port, "0")  # from now on moto checks every request against its IAM users
     try:
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG1")
         with pytest.raises(ModelSourceError) as e:
@@ -301,7 +180,7 @@ def test_s3_wrong_credentials(s3, bucket, tmp_path, monkeypatch, moto_port):
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
         assert resolve_model_dir(f"s3://{name}/models/tiny", cache_dir=str(tmp_path / "c")).is_dir()
     finally:
-        moto_auth("inf")
+        moto_auth(moto_port, "inf")
 
 
 def test_s3_missing_bucket_empty_prefix_and_unreachable_endpoint(s3, bucket, tmp_path, monkeypatch):
@@ -419,71 +298,10 @@ def test_check_model_dir_names_each_defect(tmp_path):
 
 # -------------------------------------------------------------------------------------------------------------- hf://
 
-SHA = "0123456789abcdef0123456789abcdef01234567"
-
-
-class FakeHub(http.server.ThreadingHTTPServer):
-    """Answers what huggingface_hub's snapshot_download asks: model info (for the commit; 0.x also lists the files
-    from its siblings), the recursive tree (1.x, 2.x), and HEAD/GET on resolve URLs with the X-Repo-Commit, ETag
-    and size headers (no X-Xet-Hash, so no Xet transfer)."""
-
-    def __init__(self, repos: dict[str, dict[str, bytes]]):
-        self.repos, self.log, self.auth = repos, [], set()
-        super().__init__(("127.0.0.1", 0), HubHandler)
-        self.url = f"http://127.0.0.1:{self.server_address[1]}"
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-
-class HubHandler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.0"  # one request per connection: a closed server is then really gone
-
-    def log_message(self, *args):
-        pass
-
-    def do_HEAD(self):
-        self.do_GET(body=False)
-
-    def do_GET(self, body=True):
-        hub: FakeHub = self.server
-        path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
-        hub.log.append((self.command, path))
-        if path.startswith("/api/models/") or "/resolve/" in path:  # the library's side calls carry no token
-            hub.auth.add(self.headers.get("authorization"))
-        m = (re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/(revision|tree)/([^/]+))?(?:/.*)?", path)
-             or re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path))
-        if not m or m[1] not in hub.repos:
-            return self.reply(404, b"", {"X-Error-Code": "RepoNotFound"})
-        files = hub.repos[m[1]]
-        if path.startswith("/api/"):
-            if (m[3] or "main") not in ("main", SHA):
-                return self.reply(404, b"", {"X-Error-Code": "RevisionNotFound"})
-            if m[2] == "tree":
-                data = [{"type": "file", "path": n, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
-                        for n, b in files.items()]
-            else:
-                data = {"id": m[1], "sha": SHA, "siblings": [{"rfilename": n} for n in files]}
-            return self.reply(200, json.dumps(data).encode(), {"Content-Type": "application/json"})
-        if m[2] not in ("main", SHA):
-            return self.reply(404, b"", {"X-Error-Code": "RevisionNotFound"})
-        if m[3] not in files:
-            return self.reply(404, b"", {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": SHA})
-        data = files[m[3]]
-        self.reply(200, data, {"X-Repo-Commit": SHA, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}, body)
-
-    def reply(self, status, data, headers, body=True):
-        self.send_response(status)
-        for k, v in headers.items():
-            self.send_header(k, v)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if body and self.command != "HEAD":
-            self.wfile.write(data)
-
-
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
     src = make_model(tmp_path / "hubsrc")
-    files = {p.relative_to(src).as_posix(): p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    files = repo_files(src)
     files.update({"README.md": b"# tiny", "onnx/model.onnx": b"onnx", "pytorch_model.bin": b"\x80\x04K\x01.",
                   "consolidated.safetensors": b"dup"})
     old = {n: b for n, b in files.items() if not n.startswith(("model", "consolidated"))}
@@ -493,8 +311,7 @@ def hub(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     yield server, src
-    server.shutdown()
-    server.server_close()
+    server.close()
 
 
 def test_hf_revision_and_bare_id_fetch_serving_files_and_cache(hub, tmp_path, monkeypatch):
@@ -526,7 +343,6 @@ def test_hf_missing_repo_revision_and_pickle_opt_in(hub, tmp_path):
         resolve_model_dir("hf://org/old", cache_dir=str(tmp_path))
     got = resolve_model_dir("hf://org/old", cache_dir=str(tmp_path), allow_pickle=True)
     assert (got / "pytorch_model.bin").is_file()
-    server.shutdown()
-    server.server_close()
+    server.close()
     with pytest.raises(ModelSourceError, match=r"cannot reach the Hub at .* and org/other is not"):
         resolve_model_dir("hf://org/other", cache_dir=str(tmp_path))

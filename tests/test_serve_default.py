@@ -1,6 +1,7 @@
 """The README's serve command (`make serve` runs `.venv/bin/kvserve serve`) with no arguments serves the
 embedded default model and answers an OpenAI chat request; the command line maps flags, kvserve.json and
 defaults onto the engine, and refuses what it cannot serve with one line."""
+import subprocess
 import sys
 from pathlib import Path
 
@@ -63,3 +64,26 @@ def test_bad_command_lines_fail_with_one_line(capsys, argv, words):
     assert main(["serve", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
+
+
+@pytest.mark.parametrize("flags, word", [
+    (["--block-size", "0"], "block_size"), (["--max-num-seqs", "0"], "max_num_seqs"),
+    (["--block-size", "12"], "power of two"), (["--gpu-memory-utilization", "1.5"], "gpu_memory_utilization"),
+])
+def test_impossible_engine_settings_are_one_error_line(capsys, flags, word):
+    from kvserve.adapters.cli import main
+
+    assert main(["serve", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and word in err[0], err
+
+
+def test_missing_cuda_is_one_error_line():
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    kvserve = Path(sys.executable).parent / "kvserve"
+    proc = subprocess.run([str(kvserve), "serve", "--device", "cuda"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "CUDA" in errors[0] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
