@@ -19,7 +19,7 @@ from kvserve.adapters.streams import SSEResponse, collect, prepend, sse, unless_
 from kvserve.runtime.outputs import RequestOutput
 
 GenerateParameters = create_model("GenerateParameters", __base__=SamplingFields, stream=(bool | None, None),
-                                  lora=(str | None, None))
+                                  lora=(str | None, None), timeout=(float | None, None))
 
 
 class GenerateRequest(SamplingFields):
@@ -28,6 +28,7 @@ class GenerateRequest(SamplingFields):
     text_input: str
     id: str | None = None
     lora: str | None = None  # a LoRA adapter to run (or address the adapter by name in the URL)
+    timeout: float | None = None  # seconds until the request is aborted (504)
     parameters: GenerateParameters | None = None
 
 
@@ -49,8 +50,9 @@ def register_generate_routes(app: FastAPI, model: KVServeModel) -> None:
         fields = body.parameters.model_dump(exclude_none=True) if body.parameters else {}
         fields.update(body.model_dump(exclude_none=True, exclude={"text_input", "id", "parameters"}))
         lora = resolved[1] or fields.pop("lora", None)
+        timeout = fields.pop("timeout", None)
         base, (rid,) = request_ids(body.id or request.headers.get("x-request-id"), 1)
-        return model.stream(body.text_input, sampling_params(fields), rid, lora), base
+        return model.stream(body.text_input, sampling_params(fields), rid, lora, timeout), base
 
     @router.post("/generate")
     async def generate(model_name: str, body: GenerateRequest, request: Request, response: Response):

@@ -36,7 +36,7 @@ def _openai_errors(route):
             return await route(*args, **kwargs)
         except Exception as e:
             err = OpenAIError.from_exception(e)
-            if err.status >= 500:
+            if err.status == 500:  # bugs; 503, 504 and 429 are states of the server, not worth a traceback
                 log.exception("OpenAI route failed")
             raise err from e
     return wrapper
@@ -127,7 +127,7 @@ def register_openai_routes(app: FastAPI, model: KVServeModel) -> None:
                     yield sse(chunk)
             except Exception as e:  # the response has started: the error travels as an event
                 err = OpenAIError.from_exception(e)
-                if err.status >= 500:
+                if err.status == 500:
                     log.exception("OpenAI stream failed")
                 yield sse(err.body())
             finally:
@@ -149,7 +149,7 @@ def register_openai_routes(app: FastAPI, model: KVServeModel) -> None:
             raise OpenAIError(400, "prompt must not be empty", "prompt")
         params = sampling(body, body.max_tokens, body.logprobs)
         base, ids = request_ids(request.headers.get("x-request-id"), len(prompts))
-        streams = [model.stream(p, params, rid, lora) for p, rid in zip(prompts, ids)]
+        streams = [model.stream(p, params, rid, lora, body.timeout) for p, rid in zip(prompts, ids)]
         head = {"id": f"cmpl-{base}", "object": "text_completion", "created": int(time.time()), "model": name}
         usage, offsets = _Usage(), {}
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -217,8 +217,8 @@ def register_openai_routes(app: FastAPI, model: KVServeModel) -> None:
         def final_chunk():
             return {**head, "choices": [], "usage": usage.body()} if include_usage else None
 
-        results = await run(request, [model.stream(prompt, params, rid, lora)], body.stream, on_delta,
-                            final_chunk)
+        results = await run(request, [model.stream(prompt, params, rid, lora, body.timeout)], body.stream,
+                            on_delta, final_chunk)
         if not body.stream:
             if results is None:
                 return Response(status_code=499)

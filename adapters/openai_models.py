@@ -26,6 +26,8 @@ class _Sampling(BaseModel):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
     user: str | None = None
+    timeout: float | None = Field(None, description="seconds until the request is aborted (504); "
+                                  "default and upper bound: the server's --request-timeout")
     # vLLM's extensions
     top_k: int | None = None
     min_p: float | None = None

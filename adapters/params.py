@@ -6,6 +6,7 @@ carries only bools, int64s and strings; tensors carry numpy scalars) into Sampli
 then decide the ranges. Every problem becomes kserve's InvalidInput: 400 over REST, INVALID_ARGUMENT over gRPC.
 """
 import math
+import re
 import struct
 import uuid
 from typing import Any
@@ -36,7 +37,7 @@ SAMPLING_PARAMS: dict[str, tuple[type, str]] = {
 }
 LIST_PARAMS = {name for name, (typ, _) in SAMPLING_PARAMS.items() if typ in (list[str], list[int])}
 
-# Request parameters that clients and KServe use for transport, not sampling: accepted and ignored.
+# Request parameters that clients and KServe use for transport, not sampling (timeout is the deadline).
 TRANSPORT_PARAMS = {"binary_data_output", "binary_data", "binary_data_size", "stream", "headers",
                     "triton_enable_empty_final_response", "sequence_id", "sequence_start", "sequence_end",
                     "priority", "timeout"}
@@ -149,4 +150,10 @@ def request_ids(base: str | None, count: int) -> tuple[str, list[str]]:
     """The id a response echoes and one engine request id per prompt. Clients may reuse ids (proxies retry
     with the same X-Request-Id), so engine ids carry a random suffix to stay unique."""
     base = base or uuid.uuid4().hex
+    if not _REQUEST_ID.fullmatch(base):  # it goes back in a header, where other characters break the response
+        raise InvalidInput(f"request id must be 1 to 256 printable ASCII characters (it is echoed as X-Request-Id), "
+                           f"got {base[:40]!r}")
     return base, [f"{base}-{i}-{uuid.uuid4().hex[:8]}" for i in range(count)]
+
+
+_REQUEST_ID = re.compile(r"[ -~]{1,256}")

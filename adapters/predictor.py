@@ -1,21 +1,28 @@
 """The KServe predictor: one kserve.Model over one AsyncEngine, answering v2 infer over REST and gRPC.
 
 The generate and OpenAI routes reach the same engine through `stream()`, which is where every protocol's
-engine errors turn into KServe's: bad input -> InvalidInput (400 / INVALID_ARGUMENT), dead engine ->
-ModelNotReady (503 / UNAVAILABLE).
+engine errors turn into the server's: bad input -> InvalidInput (400 / INVALID_ARGUMENT), dead engine or
+draining server -> Unavailable (503 / UNAVAILABLE), too many waiting -> Overloaded (503 or 429 /
+RESOURCE_EXHAUSTED), past the deadline -> RequestTimeout (504 / DEADLINE_EXCEEDED).
 """
 import time
 from contextlib import aclosing
 from typing import AsyncIterator, Callable
 
 import numpy as np
+import orjson
 from kserve import InferOutput, InferRequest, InferResponse, Model
-from kserve.errors import InvalidInput, ModelNotReady
+from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER
+from kserve.errors import InferenceError, InvalidInput
+from kserve.protocol.dataplane import DataPlane
+from kserve.protocol.infer_type import deserialize_bytes_tensor
 
+from kvserve.adapters.errors import Overloaded, RequestTimeout, Unavailable
+from kvserve.adapters.guard import Limits, seconds
 from kvserve.adapters.params import (LIST_PARAMS, SAMPLING_PARAMS, check_names, plain_parameters, request_ids,
                                      sampling_params, utf8)
 from kvserve.adapters.streams import collect
-from kvserve.runtime.async_engine import AsyncEngine, EngineDeadError
+from kvserve.runtime.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError, RequestTimeoutError
 from kvserve.runtime.config import EngineConfig
 from kvserve.runtime.outputs import RequestOutput
 from kvserve.runtime.sampling_params import SamplingParams
@@ -29,7 +36,9 @@ class KVServeModel(Model):
         # Names the OpenAI routes answer to; the first is the one /models lists first.
         self.served_names = list(dict.fromkeys([*(served_names or []), name]))
         self.stat_loggers = list(stat_loggers)
-        self.api_key = api_key  # accepted now; enforced by the authentication layer
+        self.api_key = api_key  # enforced in front of the routes (adapters/guard.py)
+        self.limits = Limits()  # per-request limits and the default deadline (the CLI sets its flags')
+        self.draining = False  # SIGTERM: not ready, new requests refused, running ones finish
         self.async_engine: AsyncEngine | None = None
         self.created = int(time.time())
         self.engine = True  # kserve: ModelServer awaits start_engine() on its event loop
@@ -54,7 +63,11 @@ class KVServeModel(Model):
             getattr(logger, "close", lambda: None)()
 
     async def healthy(self) -> bool:
-        return self.ready and self.async_engine is not None and not self.async_engine.errored
+        return self.ready and not self.draining and self.async_engine is not None and not self.async_engine.errored
+
+    def live(self) -> bool:
+        """False once the engine loop died: only a restart brings it back."""
+        return self.async_engine is None or not self.async_engine.errored
 
     @property
     def tokenizer(self):
@@ -78,17 +91,24 @@ class KVServeModel(Model):
         return None
 
     async def stream(self, prompt: str | list[int], params: SamplingParams, request_id: str,
-                     lora: str | None = None) -> AsyncIterator[RequestOutput]:
+                     lora: str | None = None, timeout=None) -> AsyncIterator[RequestOutput]:
+        """`timeout`: the request's own deadline in seconds, as the protocol carried it (None: the default)."""
         if not await self.healthy():
-            raise ModelNotReady(self.name, _dead_detail(self.async_engine))
-        async with aclosing(self.async_engine.generate(prompt, params, request_id, lora)) as gen:
+            raise Unavailable(self.name, "the server is shutting down" if self.draining
+                              else _dead_detail(self.async_engine))
+        timeout = self.limits.check(params, timeout)
+        async with aclosing(self.async_engine.generate(prompt, params, request_id, lora, timeout)) as gen:
             started = False
             try:
                 async for delta in gen:
                     started = True
                     yield delta
             except EngineDeadError as e:
-                raise ModelNotReady(self.name, f"the engine stopped: {e}") from None
+                raise Unavailable(self.name, f"the engine stopped: {e}") from None
+            except EngineOverloadedError as e:
+                raise Overloaded(str(e)) from None
+            except RequestTimeoutError as e:
+                raise RequestTimeout(str(e)) from None
             except ValueError as e:
                 if started:  # the engine validates before its first output; later errors are its own bugs
                     raise
@@ -114,7 +134,9 @@ class KVServeModel(Model):
             raise InvalidInput(f"parameter 'lora' must be an adapter name (a string), got {lora!r}")
         params = [sampling_params(f) for f in fields]
         base, ids = request_ids(payload.id or (headers or {}).get("x-request-id"), len(prompts))
-        results = await collect([self.stream(p, sp, rid, lora) for p, sp, rid in zip(prompts, params, ids)])
+        timeout = plain_parameters(payload.parameters).get("timeout")  # Triton's unit: microseconds
+        timeout = None if timeout is None else seconds(timeout, 1e-6)
+        results = await collect([self.stream(p, sp, rid, lora, timeout) for p, sp, rid in zip(prompts, params, ids)])
         outputs = [_bytes_output("text_output", [r.outputs[0].text for r in results]),
                    _bytes_output("finish_reason", [r.outputs[0].finish_reason or "" for r in results])]
         if response_headers is not None:
@@ -183,3 +205,32 @@ def v2_request(req: InferRequest) -> tuple[list[str], list[dict]]:
         for f, v in zip(fields, per_prompt):
             f[inp.name] = v
     return prompts, fields
+
+
+class V2DataPlane(DataPlane):
+    """KServe's, except for REST requests with binary BYTES tensors that are not valid UTF-8: KServe decodes
+    those to text before the model sees them and answers a failure with 500; this answers 400 naming the input."""
+
+    def decode_inference_request(self, body, headers, model_name):
+        try:
+            return super().decode_inference_request(body, headers, model_name)
+        except InferenceError as e:
+            if not isinstance(e.__context__, UnicodeDecodeError):
+                raise
+            raise InvalidInput(f"input '{_undecodable(body, headers)}' is not valid UTF-8: {e.__context__}") from None
+
+
+def _undecodable(body: bytes, headers: dict) -> str:
+    """The name of the first binary BYTES input of a REST request that is not valid UTF-8."""
+    start = length = int(headers[INFERENCE_CONTENT_LENGTH_HEADER])
+    for spec in orjson.loads(body[:length])["inputs"]:
+        size = (spec.get("parameters") or {}).get("binary_data_size")
+        if size is None:
+            continue
+        raw, start = body[start:start + size], start + size
+        if spec.get("datatype") == "BYTES":
+            try:
+                [v.decode() for v in deserialize_bytes_tensor(raw)]
+            except UnicodeDecodeError:
+                return spec["name"]
+    return "?"

@@ -23,13 +23,24 @@ class EngineDeadError(RuntimeError):
     pass
 
 
+class EngineOverloadedError(RuntimeError):
+    """More requests wait than `max_waiting_requests` allows: refused at once rather than queued."""
+
+
+class RequestTimeoutError(TimeoutError):
+    """A request ran past its deadline; it was aborted and its blocks freed."""
+
+
 class _Stream:
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
 
     def put(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # its loop is closed: nobody is left to read it
+            pass
 
 
 class AsyncEngine:
@@ -57,10 +68,23 @@ class AsyncEngine:
             self._thread.start()
 
     def shutdown(self) -> None:
-        self._stop = True
+        with self._lock:
+            self._stop = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        # nothing will be delivered any more: end the open streams instead of leaving them waiting
+        self._fail_streams(EngineDeadError("the engine was shut down"))
+
+    def _fail_streams(self, error: EngineDeadError) -> None:
+        with self._lock:
+            streams = list(self._streams.values())
+        for s in streams:
+            s.put(error)
+
+    def num_requests(self) -> int:
+        """Requests handed in and not yet fully read by their callers."""
+        return len(self._streams)
 
     def stats(self) -> EngineStats:
         return self._stats
@@ -86,11 +110,9 @@ class AsyncEngine:
                 self._log(step_stats)
         except BaseException as e:  # the loop is dead: fail every stream now rather than hang them
             log.exception("engine loop died")
-            self.dead_error = e
-            with self._lock:
-                streams = list(self._streams.values())
-            for s in streams:
-                s.put(EngineDeadError(f"engine loop died: {e!r}"))
+            with self._lock:  # generate() checks under the lock, so no stream opens after this
+                self.dead_error = e
+            self._fail_streams(EngineDeadError(f"engine loop died: {e!r}"))
 
     def _log(self, step_stats: StepStats) -> None:
         self._stats = step_stats.stats
@@ -131,17 +153,30 @@ class AsyncEngine:
 
     # -- the caller's side ----------------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams, request_id: str,
-                       lora_name: str | None = None) -> AsyncIterator[RequestOutput]:
-        if self.dead_error is not None:
-            raise EngineDeadError(f"engine loop died: {self.dead_error!r}")
+                       lora_name: str | None = None, timeout: float | None = None) -> AsyncIterator[RequestOutput]:
+        """`timeout`: seconds from now after which the request is aborted and RequestTimeoutError raised."""
+        self._check_alive()
         req = self.engine.make_request(prompt, sampling_params, request_id, lora_name)
-        stream = _Stream(asyncio.get_running_loop())
+        prompt_len, max_len = len(req.prompt_token_ids), self.engine.max_model_len
+        if sampling_params.max_tokens is not None and prompt_len + sampling_params.max_tokens > max_len:
+            # vLLM's serving rule: refuse rather than silently cut the completion short
+            raise ValueError(f"max_tokens is too large: the prompt has {prompt_len} tokens and max_tokens is "
+                             f"{sampling_params.max_tokens}, {prompt_len + sampling_params.max_tokens} in all, but "
+                             f"max_model_len is {max_len}; ask for at most {max_len - prompt_len} tokens")
+        limit = self.config.max_waiting_requests
+        if limit is not None and len(self._streams) - self._stats.num_running >= limit:
+            raise EngineOverloadedError(f"too many requests waiting (max_waiting_requests {limit}); retry later")
+        loop = asyncio.get_running_loop()
+        stream = _Stream(loop)
         with self._lock:
+            self._check_alive()
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = stream
         self._inbox.put(("add", req))
         self._wake.set()
+        timer = None if timeout is None else loop.call_later(
+            timeout, stream.queue.put_nowait, RequestTimeoutError(f"the request ran past its timeout of {timeout:g} s"))
         finished = False
         try:
             while not finished:
@@ -151,10 +186,18 @@ class AsyncEngine:
                 finished = item.finished
                 yield item
         finally:
+            if timer is not None:
+                timer.cancel()
             with self._lock:
                 self._streams.pop(request_id, None)
-            if not finished:  # the consumer went away (disconnect, cancel): free the request's blocks
+            if not finished:  # the consumer went away (disconnect, cancel, timeout): free the request's blocks
                 self.abort(request_id)
+
+    def _check_alive(self) -> None:
+        if self.dead_error is not None:
+            raise EngineDeadError(f"engine loop died: {self.dead_error!r}")
+        if self._stop:
+            raise EngineDeadError("the engine was shut down")
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
