@@ -44,3 +44,14 @@ def llm():
     from kvserve import LLM
 
     return LLM(str(MODEL_DIR), **ENGINE)
+
+
+@pytest.fixture(scope="module")
+def moto_port():
+    """moto's real S3 HTTP server on a free loopback port, for one test module."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    yield server.get_host_and_port()[1]
+    server.stop()

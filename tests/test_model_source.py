@@ -10,7 +10,6 @@ from pathlib import Path
 import boto3
 import numpy as np
 import pytest
-from moto.server import ThreadedMotoServer
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer, models
 
@@ -45,14 +44,6 @@ def make_model(folder: Path, arch: str = "LlamaForCausalLM", big: int = 4096, se
 
 
 # ---------------------------------------------------------------------------------------------------------------- S3
-
-
-@pytest.fixture(scope="module")
-def moto_port():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    yield server.get_host_and_port()[1]
-    server.stop()
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import openai
 import pytest
-from moto.server import ThreadedMotoServer
 
 from fakes import SHA, S3_ENV_CLEARED, FakeHub, Relay, admin_client, iam_key, moto_auth, repo_files, s3_env, upload
 from kvserve.runtime.sampling_params import SamplingParams
@@ -21,14 +20,6 @@ from server import MODEL_DIR, MODEL_NAME, REPO, engine_flags, free_port, start_s
 BUCKET = "models-e2e"
 PROMPT = "The lighthouse keeper"
 SERVED = sorted(p.name for p in MODEL_DIR.iterdir() if p.is_file())  # every file of the folder serves
-
-
-@pytest.fixture(scope="module")
-def moto_port():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    yield server.get_host_and_port()[1]
-    server.stop()
 
 
 @pytest.fixture(scope="module")
