@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU, in one call: GPU tests, kernel bench, throughput (W1), batch-1 latency,
 # LoRA throughput, KV offload.
-# Usage (repo root, on the GPU machine): bash bench/gpu_all.sh [tests|kernels|sweep|throughput|latency|lora|offload ...]
+# Usage (repo root, on the GPU machine): bash bench/gpu_all.sh [tests|kernels|sweep|throughput|latency|profile|profile_lora|lora|offload ...]
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 if [ -d .whl ]; then
@@ -25,5 +25,7 @@ for s in $steps; do
     offload) python3 bench/offload.py 2>&1 | tee "$OUT/offload.log" | grep -v Warn | tail -8 ;;
     throughput) python3 bench/throughput.py ${THROUGHPUT_ARGS:-} 2>&1 | tee "$OUT/throughput.log" | grep -v Warning | tail -8 ;;
     latency) python3 bench/latency.py 2>&1 | tee "$OUT/latency.log" | tail -4 ;;
+    profile) python3 bench/profile_decode.py ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.log" | grep -v Warn ;;
+    profile_lora) python3 bench/profile_decode.py --batch 256 --lora 8 2>&1 | tee "$OUT/profile_lora.log" | grep -v Warn ;;
   esac
 done

@@ -1,4 +1,4 @@
-"""Triton paged attention over block tables (mixed prefill + decode batches, GQA, causal) and the KV-cache write.
+"""Triton paged attention over block tables (mixed prefill + decode batches, GQA, causal).
 
 One kernel serves every batch shape, after vLLM's unified Triton attention: a program owns one KV head and a
 block of BLOCK_Q query tokens of one sequence, whose GROUP query heads sharing that KV head are stacked into
@@ -27,46 +27,6 @@ MAX_SPLITS = 64
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
-
-
-@triton.jit
-def _store_kvcache_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
-                          stride_kt, stride_kh, stride_vt, stride_vh,
-                          stride_cb, stride_cs, stride_ch, num_heads,
-                          BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                          BLOCK_SIZE: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    if slot < 0:  # padding tokens of a captured batch
-        return
-    h = tl.arange(0, BLOCK_H)[:, None]
-    d = tl.arange(0, BLOCK_D)[None, :]
-    mask = (h < num_heads) & (d < HEAD_DIM)
-    dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + h * stride_ch + d
-    k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
-    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
-    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
-
-
-def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor) -> None:
-    """k, v: [T, Hkv, D] (any token/head strides) -> caches [num_blocks, block_size, Hkv, D] at flat slots."""
-    num_tokens, num_heads, head_dim = k.shape
-    if num_tokens == 0:
-        return
-    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    if v.stride(-1) != 1:
-        v = v.contiguous()
-    block_h, block_d = triton.next_power_of_2(num_heads), triton.next_power_of_2(head_dim)
-    _store_kvcache_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), num_heads,
-        BLOCK_H=block_h, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=k_cache.shape[1],
-        num_warps=4 if block_h * block_d >= 1024 else 1)
 
 
 @triton.jit

@@ -5,13 +5,12 @@ import triton.language as tl
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_xh, heads, stride_r, n, eps,
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, n, eps,
                      HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
-    # x rows may be heads of a strided [T, H, D] view (q or k inside the fused qkv output): row = t * H + h
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
-    x = tl.load(x_ptr + (row // heads) * stride_x + (row % heads) * stride_xh + cols, mask=mask, other=0.0)
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         # Round the sum to the activation dtype first, as the reference (and HF) do.
         r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
@@ -28,13 +27,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Same contract as rms_norm_ref: normalises over the last dim; with `residual`, returns (out, x + residual)."""
     n = x.shape[-1]
-    if x.dim() == 3 and residual is None and x.stride(-1) == 1:
-        x2, rows, heads, stride_h = x, x.shape[0] * x.shape[1], x.shape[1], x.stride(1)  # no copy of a view
-    else:
-        x2 = x.reshape(-1, n)
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        rows, heads, stride_h = x2.shape[0], 1, 0
+    x2 = x.reshape(-1, n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    rows = x2.shape[0]
     out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     res2 = x2 if residual is None else residual.reshape(-1, n)
     if res2.stride(-1) != 1:
@@ -43,6 +39,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if rows:
         block = triton.next_power_of_2(n)
         _rms_norm_kernel[(rows,)](
-            x2, res2, weight, out, res_out, x2.stride(0), stride_h, heads, res2.stride(0), n, eps,
+            x2, res2, weight, out, res_out, x2.stride(0), res2.stride(0), n, eps,
             HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(max(block // 256, 1), 16))
     return out if residual is None else (out, res_out)

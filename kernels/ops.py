@@ -29,14 +29,6 @@ def _triton(x: torch.Tensor) -> bool:
     return _backend == "triton" or (_backend == "auto" and x.is_cuda)
 
 
-def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor) -> None:
-    if _triton(k):
-        from kvserve.kernels.attention import store_kvcache
-        return store_kvcache(k, v, k_cache, v_cache, slot_mapping)
-    return ref.store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping)
-
-
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                     scale: float, out: torch.Tensor | None = None,
                     workspace: torch.Tensor | None = None) -> torch.Tensor:
@@ -58,17 +50,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return ref.rms_norm_ref(x, weight, eps, residual)
 
 
-def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-           inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotates q [T, Hq, D] and k [T, Hk, D] together; cos, sin: [T, D // 2]. Returns (q, k), which are the
-    inputs themselves when inplace."""
-    if _triton(q):
-        from kvserve.kernels.rotary import rotary
-        return rotary(q, k, cos, sin, inplace)
-    q_rot, k_rot = ref.rotary_ref(q, cos, sin), ref.rotary_ref(k, cos, sin)
-    if not inplace:
-        return q_rot, k_rot
-    return q.copy_(q_rot), k.copy_(k_rot)
+def qkv_prep(qkv: torch.Tensor, num_q_heads: int, num_kv_heads: int, q_weight: torch.Tensor | None,
+             k_weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+             positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> torch.Tensor:
+    """q/k norm (when weights are given), rotary and the K/V cache write of a fused qkv output; returns q."""
+    args = (qkv, num_q_heads, num_kv_heads, q_weight, k_weight, eps, cos, sin, positions, k_cache, v_cache,
+            slot_mapping)
+    if _triton(qkv):
+        from kvserve.kernels.qkv_prep import qkv_prep
+        return qkv_prep(*args)
+    return ref.qkv_prep_ref(*args)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -79,7 +71,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """x [T, K] -> [T, N] fp32 through each token's adapter slot (see kernels/lora.py)."""
+    """x [T, K] -> [S, T, N] fp32 partial sums through each token's adapter slot (see kernels/lora.py)."""
     if _triton(x):
         from kvserve.kernels.lora import lora_shrink
         return lora_shrink(x, a, slots)

@@ -67,6 +67,23 @@ def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
 
 
+def qkv_prep_ref(qkv: torch.Tensor, num_q_heads: int, num_kv_heads: int, q_weight: torch.Tensor | None,
+                 k_weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                 positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> torch.Tensor:
+    """qkv [T, (Hq + 2 Hkv) * D] -> q [T, Hq, D]: per-head RMSNorm of q and k (when weights are given), rotary at
+    `positions` (cos, sin: [max_positions, D // 2] tables), and K/V stored at `slot_mapping`."""
+    t, d = qkv.shape[0], cos.shape[1] * 2
+    q, k, v = qkv.split([num_q_heads * d, num_kv_heads * d, num_kv_heads * d], dim=-1)
+    q, k, v = q.reshape(t, num_q_heads, d), k.reshape(t, num_kv_heads, d), v.reshape(t, num_kv_heads, d)
+    if q_weight is not None:
+        q, k = rms_norm_ref(q, q_weight, eps), rms_norm_ref(k, k_weight, eps)
+    c, s = cos[positions], sin[positions]
+    q, k = rotary_ref(q, c, s), rotary_ref(k, c, s)
+    store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping)
+    return q
+
+
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     """x: [T, 2I] (gate then up) -> silu(gate) * up: [T, I]."""
     gate, up = x.chunk(2, dim=-1)
@@ -74,20 +91,23 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 def lora_shrink_ref(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """x [T, K], a [L, N, K], slots [T] -> h [T, N] fp32: x[t] @ a[slots[t]]^T, zero for slot -1. One masked
-    product per slot rather than a gather, so nothing depends on the slot values (CUDA-graph safe)."""
+    """x [T, K], a [L, N, K], slots [T] -> h [1, T, N] fp32: x[t] @ a[slots[t]]^T, zero for slot -1 (one split
+    of K: the kernel returns partial sums over several). One masked product per slot rather than a gather, so
+    nothing depends on the slot values (CUDA-graph safe)."""
     h = torch.zeros(x.shape[0], a.shape[1], dtype=torch.float32, device=x.device)
     xf = x.float()
     for slot in range(a.shape[0]):
         h = torch.where((slots == slot)[:, None], xf @ a[slot].float().T, h)
-    return h
+    return h[None]
 
 
 def lora_expand_ref(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
                     slots: torch.Tensor, shards: list[int]) -> torch.Tensor:
-    """In place: y[t, shard s] += (h[t, s*R:(s+1)*R] @ b[slots[t], shard s rows]^T) * scale[slots[t]]; b is
-    [L, sum(shards), R]. In fp32 this is PEFT's `result + lora_B(lora_A(x)) * scaling`, operation for operation."""
+    """In place: y[t, shard s] += (h[t, s*R:(s+1)*R] @ b[slots[t], shard s rows]^T) * scale[slots[t]], with h the
+    sum of the shrink's splits [S, T, N]; b is [L, sum(shards), R]. In fp32 this is PEFT's
+    `result + lora_B(lora_A(x)) * scaling`, operation for operation."""
     rank = b.shape[2]
+    h = h.sum(0)
     for slot in range(b.shape[0]):
         mine = (slots == slot)[:, None]
         start = 0

@@ -55,3 +55,17 @@ def test_gpu_seeded_sampling_matches_cpu(tiny_model):
     cpu = LLM(folder, device="cpu", dtype="float32").generate([[1, 2, 3, 4]], p)[0].outputs[0].token_ids
     gpu = LLM(folder, device="cuda", dtype="float32", num_gpu_blocks_override=32).generate([[1, 2, 3, 4]], p)
     assert gpu[0].outputs[0].token_ids == cpu
+
+
+def test_gpu_long_contexts_match_cpu(tiny_model):
+    # Decode graphs with contexts up to ~4,000 tokens (split-KV attention), alone and batched (fp32: exact).
+    folder = tiny_model("qwen3")
+    rng = random.Random(9)
+    prompts = [[rng.randrange(1, 384) for _ in range(n)] for n in (100, 2100, 4000)]
+    p = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    common = dict(block_size=16, max_model_len=4096 + 16, enable_prefix_caching=False)
+    cpu = [o.outputs[0].token_ids for o in LLM(folder, device="cpu", dtype="float32", **common).generate(prompts, p)]
+    gpu_llm = LLM(folder, device="cuda", dtype="float32", num_gpu_blocks_override=1024, **common)
+    alone = [gpu_llm.generate(q, p)[0].outputs[0].token_ids for q in prompts]
+    together = [o.outputs[0].token_ids for o in gpu_llm.generate(prompts, p)]
+    assert alone == cpu and together == cpu

@@ -15,7 +15,7 @@ if not HAS_CUDA:
     # (conftest.py sets it too, before any test module is collected).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kvserve.kernels import activation, attention, norm, ops, rotary  # noqa: E402
+from kvserve.kernels import activation, attention, norm, ops, qkv_prep  # noqa: E402
 from kvserve.kernels import reference as ref  # noqa: E402
 from kvserve.kernels.metadata import AttentionMetadata  # noqa: E402
 
@@ -147,22 +147,44 @@ def test_num_splits_depends_only_on_static_shapes(monkeypatch):
     assert attention.num_splits_for(meta, 1, 16, torch.device("cpu")) == 1
 
 
+def qkv_prep_case(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype, norm, seed=0, num_blocks=6):
+    """A fused qkv output, q/k norm weights, rotary tables, positions, distinct slots (two of them padding)
+    and caches full of noise, on DEVICE."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(num_tokens, (num_q_heads + 2 * num_kv_heads) * head_dim, generator=g).to(dtype)
+    weights = [(1 + 0.3 * torch.randn(head_dim, generator=g)).to(dtype) for _ in range(2)] if norm else [None] * 2
+    angles = torch.outer(torch.arange(4096).float(), torch.rand(head_dim // 2, generator=g) + 0.01)
+    positions = torch.randint(0, 4096, (num_tokens,), generator=g)
+    slots = torch.randperm(num_blocks * 16, generator=g)[:num_tokens]
+    slots[[1, num_tokens - 2]] = -1
+    caches = torch.randn(2, num_blocks, 16, num_kv_heads, head_dim, generator=g).to(dtype)
+    to = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
+    return [to(qkv), num_q_heads, num_kv_heads, to(weights[0]), to(weights[1]), 1e-6, to(angles.cos()),
+            to(angles.sin()), to(positions), to(caches[0]), to(caches[1]), to(slots)]
+
+
+def check_qkv_prep(fn, args, dtype):
+    expected_caches = args[9].clone(), args[10].clone()
+    expected_q = ref.qkv_prep_ref(*args[:9], *expected_caches, args[11])
+    before = args[0].clone()
+    q = fn(*args)
+    assert torch.equal(args[0], before)  # the qkv output is only read
+    assert q.shape == expected_q.shape and q.dtype == expected_q.dtype and q.is_contiguous()
+    assert_close(q, expected_q, dtype)
+    for got, want in zip(args[9:11], expected_caches):
+        assert_close(got, want, dtype)  # written slots within tolerance, the others (padding too) untouched
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_store_kvcache(head_dim, dtype):
-    num_tokens, num_heads, block_size = 13, 2, 16
-    # k and v as views into a fused qkv projection, as the model produces them
-    qkv = torch.randn(num_tokens, 8 * head_dim, device=DEVICE).to(dtype)
-    k = qkv[:, 4 * head_dim:6 * head_dim].view(num_tokens, num_heads, head_dim)
-    v = qkv[:, 6 * head_dim:].view(num_tokens, num_heads, head_dim)
-    slots = torch.randperm(6 * block_size)[:num_tokens].to(DEVICE)
-    slots[[2, 7]] = -1
-    k_cache = torch.randn(6, block_size, num_heads, head_dim, device=DEVICE).to(dtype)
-    v_cache = torch.randn_like(k_cache)
-    k_expected, v_expected = k_cache.clone(), v_cache.clone()
-    ref.store_kvcache_ref(k, v, k_expected, v_expected, slots)
-    attention.store_kvcache(k, v, k_cache, v_cache, slots)
-    assert torch.equal(k_cache, k_expected) and torch.equal(v_cache, v_expected)
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("norm", [False, True])
+def test_qkv_prep(norm, head_dim, dtype):
+    check_qkv_prep(qkv_prep.qkv_prep, qkv_prep_case(9, 4, 2, head_dim, dtype, norm), dtype)
+
+
+def test_qkv_prep_odd_shapes():
+    # 3 query heads per KV head, 5 KV heads (not powers of two), head_dim 48 (a half of 24)
+    check_qkv_prep(qkv_prep.qkv_prep, qkv_prep_case(5, 15, 5, 48, torch.float32, True, seed=3), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -179,48 +201,6 @@ def test_rms_norm(with_residual, hidden, dtype):
         out, expected = out[0], expected[0]
     assert out.dtype == expected.dtype
     assert_close(out, expected, dtype)
-
-
-def test_rms_norm_per_head_fp32_weight():
-    # Qwen3's q/k norm: over head_dim of a [T, H, D] view; an fp32 weight promotes the output as torch does.
-    x = torch.randn(5, 3, 64, device=DEVICE, dtype=torch.float16)
-    weight = torch.randn(64, device=DEVICE)
-    out = norm.rms_norm(x, weight, 1e-6)
-    expected = ref.rms_norm_ref(x, weight, 1e-6)
-    assert out.shape == expected.shape and out.dtype == expected.dtype == torch.float32
-    assert_close(out, expected, torch.float16)
-
-
-def test_rms_norm_reads_heads_of_a_strided_view_in_place():
-    # q inside the fused qkv output: rows of heads with a token stride of the whole qkv width, no copy made
-    qkv = torch.randn(6, (4 + 2 + 2) * 32, device=DEVICE)
-    q = qkv[:, 4 * 32:6 * 32].view(6, 2, 32)  # the k part: a non-zero offset too
-    assert not q.is_contiguous()
-    weight = torch.randn(32, device=DEVICE)
-    out = norm.rms_norm(q, weight, 1e-6)
-    assert out.is_contiguous()
-    assert_close(out, ref.rms_norm_ref(q, weight, 1e-6), torch.float32)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("inplace", [False, True])
-def test_rotary(inplace, dtype):
-    num_tokens, head_dim = 9, 64
-    qkv = torch.randn(num_tokens, 8 * head_dim, device=DEVICE).to(dtype)
-    q = qkv[:, :4 * head_dim].view(num_tokens, 4, head_dim)
-    k = qkv[:, 4 * head_dim:6 * head_dim].view(num_tokens, 2, head_dim)
-    angles = torch.rand(num_tokens, head_dim // 2, device=DEVICE) * 100
-    cos, sin = angles.cos(), angles.sin()
-    q_expected, k_expected = ref.rotary_ref(q, cos, sin), ref.rotary_ref(k, cos, sin)
-    before = qkv.clone()
-    q_out, k_out = rotary.rotary(q, k, cos, sin, inplace=inplace)
-    if inplace:
-        assert q_out.data_ptr() == q.data_ptr() and k_out.data_ptr() == k.data_ptr()
-        assert torch.equal(qkv[:, 6 * head_dim:], before[:, 6 * head_dim:])  # v untouched
-    else:
-        assert torch.equal(qkv, before)
-    assert_close(q_out, q_expected, dtype)
-    assert_close(k_out, k_expected, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -262,24 +242,13 @@ def test_ops_dispatch(backend, monkeypatch):
 def test_ops_match_reference(name, backend):
     backend(name)
     q, k_cache, v_cache, meta = make_batch(MIXED, 4, 2, 64, 16, torch.float32, seed=4)
-    k_new, v_new = torch.randn(2, 3, 2, 64, device=DEVICE).unbind(0)
-    slots = torch.tensor([5, -1, 40], device=DEVICE)
-    expected_k, expected_v = k_cache.clone(), v_cache.clone()
-    ref.store_kvcache_ref(k_new, v_new, expected_k, expected_v, slots)
-    ops.store_kvcache(k_new, v_new, k_cache, v_cache, slots)
-    torch.testing.assert_close(k_cache, expected_k, rtol=0, atol=0, equal_nan=True)
-    torch.testing.assert_close(v_cache, expected_v, rtol=0, atol=0, equal_nan=True)
+    check_qkv_prep(ops.qkv_prep, qkv_prep_case(6, 4, 2, 64, torch.float32, True, seed=4), torch.float32)
     out = torch.empty_like(q)
     assert ops.paged_attention(q, k_cache, v_cache, meta, 0.125, out=out) is out
     assert_close(out, attention_ref(q, k_cache, v_cache, meta, 0.125), torch.float32)
     x, res, w = torch.randn(3, 4, 64, device=DEVICE).unbind(0)
     for got, want in zip(ops.rms_norm(x, w[0], 1e-6, res), ref.rms_norm_ref(x, w[0], 1e-6, res)):
         assert_close(got, want, torch.float32)
-    cos, sin = torch.randn(2, 4, 32, device=DEVICE).unbind(0)
-    qr, kr = x.view(4, 1, 64).clone(), res.view(4, 1, 64).clone()
-    got = ops.rotary(qr, kr, cos, sin, inplace=True)
-    assert got[0] is qr and got[1] is kr
-    assert_close(qr, ref.rotary_ref(x.view(4, 1, 64), cos, sin), torch.float32)
     assert_close(ops.silu_and_mul(x), ref.silu_and_mul_ref(x), torch.float32)
 
 
@@ -339,18 +308,9 @@ def test_small_kernels_real_sizes():
     out_ref, res_ref = ref.rms_norm_ref(x, w, 1e-6, res)
     assert torch.equal(new_res, res_ref)
     assert_close(out, out_ref, torch.bfloat16)
-    qkv = torch.randn(t, 32 * d, device=DEVICE, dtype=torch.bfloat16)
-    q, k = qkv[:, :16 * d].view(t, 16, d), qkv[:, 16 * d:24 * d].view(t, 8, d)
-    angles = torch.rand(t, d // 2, device=DEVICE) * 1000
-    q_ref, k_ref = ref.rotary_ref(q, angles.cos(), angles.sin()), ref.rotary_ref(k, angles.cos(), angles.sin())
-    rotary.rotary(q, k, angles.cos(), angles.sin(), inplace=True)
-    assert_close(q, q_ref, torch.bfloat16)
-    assert_close(k, k_ref, torch.bfloat16)
+    check_qkv_prep(qkv_prep.qkv_prep, qkv_prep_case(t, 16, 8, d, torch.bfloat16, True, num_blocks=2048),
+                   torch.bfloat16)
     gate_up = torch.randn(t, 2 * inter, device=DEVICE, dtype=torch.bfloat16)
     assert_close(activation.silu_and_mul(gate_up), ref.silu_and_mul_ref(gate_up.float()), torch.bfloat16)
-    kv = torch.zeros(2, 2048, 16, 8, d, device=DEVICE, dtype=torch.bfloat16)
-    slots = torch.randperm(2048 * 16, device=DEVICE)[:t]
-    expected = kv.clone()
-    ref.store_kvcache_ref(k, qkv[:, 24 * d:].view(t, 8, d), expected[0], expected[1], slots)
-    attention.store_kvcache(k, qkv[:, 24 * d:].view(t, 8, d), kv[0], kv[1], slots)
-    assert torch.equal(kv, expected)
+
+

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from kvserve.kernels import ops
+from kvserve.runtime.context import get_context
 from kvserve.runtime.models.layers import Attention, Embedding, Linear, RMSNorm, Rotary
 
 
@@ -26,13 +27,11 @@ class DecoderAttention(nn.Module):
         self.attn = Attention(heads, kv_heads, d)
 
     def forward(self, rotary: Rotary, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k, v = q.view(t, -1, self.head_dim), k.view(t, -1, self.head_dim), v.view(t, -1, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v).view(t, -1))
+        attn, meta = self.attn, get_context()
+        norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else (None, None, 0.0)
+        q = ops.qkv_prep(self.qkv_proj(x), attn.num_heads, attn.num_kv_heads, *norms, rotary.cos, rotary.sin,
+                         positions, attn.k_cache, attn.v_cache, meta.slot_mapping)
+        return self.o_proj(attn(q, meta).view(x.shape[0], -1))
 
 
 class MLP(nn.Module):

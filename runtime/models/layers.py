@@ -7,7 +7,8 @@ from torch import nn
 import torch.nn.functional as F
 
 from kvserve.kernels import ops
-from kvserve.runtime.context import get_context, get_lora_slots
+from kvserve.kernels.metadata import AttentionMetadata
+from kvserve.runtime.context import get_lora_slots
 
 
 def _empty(*shape) -> nn.Parameter:
@@ -86,7 +87,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> tuple[to
 
 
 class Rotary(nn.Module):
-    """cos/sin tables for every position up to max_positions, in fp32; rows are picked per token."""
+    """cos/sin tables for every position up to max_positions, in fp32; the attention layers' qkv_prep picks
+    each token's rows."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None):
         super().__init__()
@@ -95,13 +97,10 @@ class Rotary(nn.Module):
         self.register_buffer("cos", freqs.cos() * attn_scale, persistent=False)
         self.register_buffer("sin", freqs.sin() * attn_scale, persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        return ops.rotary(q, k, self.cos[positions], self.sin[positions])
-
 
 class Attention(nn.Module):
-    """Attention over the paged KV cache. The runner points k_cache / v_cache at this layer's slices of the
-    engine's one KV tensor."""
+    """Attention over the paged KV cache (the step's new K/V are already stored by qkv_prep). The runner points
+    k_cache / v_cache at this layer's slices of the engine's one KV tensor."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
         super().__init__()
@@ -109,7 +108,5 @@ class Attention(nn.Module):
         self.scale = head_dim ** -0.5
         self.k_cache = self.v_cache = torch.tensor([])
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        meta = get_context()
-        ops.store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+    def forward(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return ops.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
