@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU, in one call: GPU tests, kernel bench, throughput (W1), batch-1 latency,
 # LoRA throughput, KV offload.
-# Usage (repo root, on the GPU machine): bash bench/gpu_all.sh [tests|kernels|sweep|throughput|latency|profile|profile_lora|lora|offload ...]
+# Usage (repo root, on the GPU machine): bash bench/gpu_all.sh [tests|kernels|sweep|gemv|throughput|latency|profile|profile_lora|lora|offload ...]
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 if [ -d .whl ]; then
@@ -21,6 +21,7 @@ for s in $steps; do
              2>&1 | tee "$OUT/tests.log" | tail -25 ;;
     kernels) python3 bench/kernels.py 2>&1 | tee "$OUT/kernels.log" | grep -v Warn | tail -6 ;;
     sweep) python3 bench/kernels.py --sweep 2>&1 | tee "$OUT/sweep.log" | grep -v Warn | tail -6 ;;
+    gemv) python3 bench/gemv.py 2>&1 | tee "$OUT/gemv.log" ;;
     lora) python3 bench/lora_throughput.py 2>&1 | tee "$OUT/lora.log" | grep -v Warn | tail -4 ;;
     offload) python3 bench/offload.py 2>&1 | tee "$OUT/offload.log" | grep -v Warn | tail -8 ;;
     throughput) python3 bench/throughput.py ${THROUGHPUT_ARGS:-} 2>&1 | tee "$OUT/throughput.log" | grep -v Warning | tail -8 ;;

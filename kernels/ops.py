@@ -6,6 +6,7 @@ imported on first use, so CPU-only processes never define Triton kernels (and te
 interpreter before they are defined).
 """
 import torch
+import torch.nn.functional as F
 
 from kvserve.kernels import reference as ref
 from kvserve.kernels.metadata import AttentionMetadata
@@ -61,6 +62,14 @@ def qkv_prep(qkv: torch.Tensor, num_q_heads: int, num_kv_heads: int, q_weight: t
         from kvserve.kernels.qkv_prep import qkv_prep
         return qkv_prep(*args)
     return ref.qkv_prep_ref(*args)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear; a single row (batch-1 decode) runs the Triton GEMV."""
+    if x.shape[0] == 1 and _triton(x):
+        from kvserve.kernels.gemv import gemv
+        return gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ if not HAS_CUDA:
     # (conftest.py sets it too, before any test module is collected).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kvserve.kernels import activation, attention, norm, ops, qkv_prep  # noqa: E402
+from kvserve.kernels import activation, attention, gemv, norm, ops, qkv_prep  # noqa: E402
 from kvserve.kernels import reference as ref  # noqa: E402
 from kvserve.kernels.metadata import AttentionMetadata  # noqa: E402
 
@@ -212,6 +212,20 @@ def test_silu_and_mul(inter, dtype):
     assert_close(out, ref.silu_and_mul_ref(x.float()), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("n,k", [(64, 32), (37, 1100)])  # ragged: rows and features past a tile's end
+def test_gemv(n, k, bias, dtype):
+    g = torch.Generator().manual_seed(n + k)
+    x = torch.randn(1, k, generator=g).to(DEVICE, dtype)
+    w = torch.randn(n, k, generator=g).to(DEVICE, dtype)
+    b = torch.randn(n, generator=g).to(DEVICE, dtype) if bias else None
+    y = gemv.gemv(x, w, b)
+    assert y.shape == (1, n) and y.dtype == dtype
+    expected = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    assert_close(y, expected, dtype)
+
+
 @pytest.fixture
 def backend():
     yield ops.set_backend
@@ -234,6 +248,11 @@ def test_ops_dispatch(backend, monkeypatch):
     backend("auto")
     assert (ops.silu_and_mul(x) == "triton") == HAS_CUDA
     assert len(calls) == 1 + HAS_CUDA
+    monkeypatch.setattr(gemv, "gemv", spy)
+    backend("triton")
+    w = torch.randn(5, 8, device=DEVICE)
+    assert ops.linear(x[:1], w) == "triton"  # one row: the GEMV
+    assert torch.equal(ops.linear(x, w), torch.nn.functional.linear(x, w))  # more rows: cuBLAS / torch
     with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):
         backend("cuda")
 
@@ -250,6 +269,9 @@ def test_ops_match_reference(name, backend):
     for got, want in zip(ops.rms_norm(x, w[0], 1e-6, res), ref.rms_norm_ref(x, w[0], 1e-6, res)):
         assert_close(got, want, torch.float32)
     assert_close(ops.silu_and_mul(x), ref.silu_and_mul_ref(x), torch.float32)
+    w2 = torch.randn(6, 64, device=DEVICE)
+    for rows in (1, 4):
+        assert_close(ops.linear(x[:rows], w2, w[1, :6]), x[:rows] @ w2.T + w[1, :6], torch.float32)
 
 
 def test_ops_odd_head_dim_falls_back(backend):
@@ -310,6 +332,10 @@ def test_small_kernels_real_sizes():
     assert_close(out, out_ref, torch.bfloat16)
     check_qkv_prep(qkv_prep.qkv_prep, qkv_prep_case(t, 16, 8, d, torch.bfloat16, True, num_blocks=2048),
                    torch.bfloat16)
+    for n, k in [(4096, hidden), (hidden, 2048), (2 * inter, hidden), (hidden, inter)]:  # Qwen3-0.6B's projections
+        row = torch.randn(1, k, device=DEVICE, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16)
+        assert_close(gemv.gemv(row, w), row.float() @ w.float().T, torch.bfloat16)
     gate_up = torch.randn(t, 2 * inter, device=DEVICE, dtype=torch.bfloat16)
     assert_close(activation.silu_and_mul(gate_up), ref.silu_and_mul_ref(gate_up.float()), torch.bfloat16)
 

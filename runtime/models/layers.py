@@ -37,7 +37,7 @@ class Linear(nn.Module):
         param.data[start:start + self.shards[shard]].copy_(tensor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = ops.linear(x, self.weight, self.bias)
         slots = get_lora_slots()
         # With slots, the branch runs whatever their values, so the decode CUDA graphs hold it.
         if self.lora_a is not None and slots is not None:
