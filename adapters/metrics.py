@@ -27,6 +27,12 @@ REQUEST_LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 2
 # fixed set, so it runs to 1M tokens (longer than any context served here).
 TOKEN_BUCKETS = [m * 10**e for e in range(6) for m in (1, 2, 5)] + [1_000_000]
 
+# Not a vLLM series: requests the server turned away or cut off, so that refusals show beside the queue depth.
+REJECTED_REASONS = ("overloaded", "unavailable", "deadline")
+REJECTED = Counter("kvserve:requests_rejected",
+                   "Requests refused or cut off by the server: overloaded (the waiting queue is full: 429/503, "
+                   "RESOURCE_EXHAUSTED), unavailable (shutting down or the engine died: 503), deadline (the "
+                   "request's timeout passed: 504, DEADLINE_EXCEEDED).", _L + ["reason"])
 RUNNING = Gauge("vllm:num_requests_running", "Number of requests in model execution batches.", _L)
 WAITING = Gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", _L)
 KV_USAGE = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", _L)
@@ -103,6 +109,8 @@ class EngineMetrics:
         self._running, self._waiting, self._kv = (g.labels(model_name) for g in (RUNNING, WAITING, KV_USAGE))
         self._counters = {name: c.labels(model_name) for name, c in _COUNTED.items()}
         self._success = {r: SUCCESS.labels(model_name, r) for r in FINISH_REASONS}  # exported from 0, as vLLM
+        for reason in REJECTED_REASONS:
+            REJECTED.labels(model_name, reason)  # exported from 0 too; the predictor counts them
         self._prompt_hist = REQUEST_PROMPT_TOKENS.labels(model_name)
         self._gen_hist = REQUEST_GENERATION_TOKENS.labels(model_name)
         self._ttft, self._itl = TTFT.labels(model_name), ITL.labels(model_name)
@@ -176,6 +184,8 @@ class EngineMetrics:
             _remove(metric, self.model_name)
         for reason in FINISH_REASONS:
             _remove(SUCCESS, self.model_name, reason)
+        for reason in REJECTED_REASONS:
+            _remove(REJECTED, self.model_name, reason)
         if self._lora_labels is not None:
             _remove(LORA_INFO, *self._lora_labels)
             self._lora_labels = None

@@ -19,6 +19,7 @@ from kserve.protocol.infer_type import deserialize_bytes_tensor
 
 from kvserve.adapters.errors import Overloaded, RequestTimeout, Unavailable
 from kvserve.adapters.guard import Limits, seconds
+from kvserve.adapters.metrics import REJECTED
 from kvserve.adapters.params import (LIST_PARAMS, SAMPLING_PARAMS, check_names, plain_parameters, request_ids,
                                      sampling_params, utf8)
 from kvserve.adapters.streams import collect
@@ -94,6 +95,7 @@ class KVServeModel(Model):
                      lora: str | None = None, timeout=None) -> AsyncIterator[RequestOutput]:
         """`timeout`: the request's own deadline in seconds, as the protocol carried it (None: the default)."""
         if not await self.healthy():
+            REJECTED.labels(self.name, "unavailable").inc()
             raise Unavailable(self.name, "the server is shutting down" if self.draining
                               else _dead_detail(self.async_engine))
         timeout = self.limits.check(params, timeout)
@@ -104,10 +106,13 @@ class KVServeModel(Model):
                     started = True
                     yield delta
             except EngineDeadError as e:
+                REJECTED.labels(self.name, "unavailable").inc()
                 raise Unavailable(self.name, f"the engine stopped: {e}") from None
             except EngineOverloadedError as e:
+                REJECTED.labels(self.name, "overloaded").inc()
                 raise Overloaded(str(e)) from None
             except RequestTimeoutError as e:
+                REJECTED.labels(self.name, "deadline").inc()
                 raise RequestTimeout(str(e)) from None
             except ValueError as e:
                 if started:  # the engine validates before its first output; later errors are its own bugs

@@ -209,7 +209,16 @@ def _quiet(server, timeout=5.0) -> dict:
 LONG = 400  # tokens, ~2 s on the tiny model: far past a 0.2 s deadline
 
 
+def _rejected(server) -> dict[str, float]:
+    """kvserve:requests_rejected_total by reason, from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return {s.labels["reason"]: s.value for f in text_string_to_metric_families(text)
+            if f.name == "kvserve:requests_rejected" for s in f.samples if s.name.endswith("_total")}
+
+
 def test_deadlines_cut_requests_off_and_free_blocks(server):
+    rejected = _rejected(server)
     before = _quiet(server)
     m = server.model
     started = time.monotonic()
@@ -233,6 +242,7 @@ def test_deadlines_cut_requests_off_and_free_blocks(server):
         events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
     assert "timeout" in events[-1]["error"] and len(events) < LONG, events[-1]
     elapsed = time.monotonic() - started
+    assert _rejected(server)["deadline"] - rejected["deadline"] == 5  # REST x3, gRPC, the stream
     after = _quiet(server)
     assert after["num_running"] == 0 and after["num_free_blocks"] == after["num_total_blocks"], after
     generated = after["generation_tokens"] - before["generation_tokens"]
@@ -293,7 +303,9 @@ def test_admission_bound(server):
             out = await refusals(http)
             return await asyncio.gather(*longs), out
 
+    rejected = _rejected(server)
     statuses, out = asyncio.run(run())
+    assert _rejected(server)["overloaded"] - rejected["overloaded"] == 6  # every refusal below, counted once
     for route in ("generate", "generate_stream", "infer"):
         status, retry_after, message = out[route]
         assert (status, retry_after) == (503, "1") and "max_waiting_requests" in message, (route, out[route])
