@@ -23,22 +23,15 @@ from kvserve.adapters.scaler import METRIC_NAME, KubeEndpoints, QueueDepthScaler
 TIMEOUT = 10  # seconds for any single RPC
 
 
-class Predictor:
-    """A loopback HTTP server exposing vllm:num_requests_{waiting,running} for one or more models."""
+class LoopbackHTTP:
+    """A threaded HTTP server on loopback answering GET with `respond(handler) -> (status, content type, body)`."""
 
-    def __init__(self, models=("m",)):
-        self.registry = CollectorRegistry()
-        self.waiting = Gauge("vllm:num_requests_waiting", "w", ["model_name"], registry=self.registry)
-        self.running = Gauge("vllm:num_requests_running", "r", ["model_name"], registry=self.registry)
-        for m in models:
-            self.set(0, 0, m)
-        registry = self.registry
-
+    def __init__(self, respond):
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
-                body = generate_latest(registry) if self.path == "/metrics" else b"not found"
-                self.send_response(200 if self.path == "/metrics" else 404)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                status, content_type, body = respond(self)
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -47,16 +40,30 @@ class Predictor:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+        self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def set(self, waiting, running=0, model="m"):
-        self.waiting.labels(model).set(waiting)
-        self.running.labels(model).set(running)
 
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+class Predictor(LoopbackHTTP):
+    """A loopback HTTP server exposing vllm:num_requests_{waiting,running} for one or more models."""
+
+    def __init__(self, models=("m",)):
+        self.registry = CollectorRegistry()
+        self.waiting = Gauge("vllm:num_requests_waiting", "w", ["model_name"], registry=self.registry)
+        self.running = Gauge("vllm:num_requests_running", "r", ["model_name"], registry=self.registry)
+        for m in models:
+            self.set(0, 0, m)
+        super().__init__(lambda h: (200, "text/plain; version=0.0.4", generate_latest(self.registry))
+                         if h.path == "/metrics" else (404, "text/plain; version=0.0.4", b"not found"))
+        self.address = f"127.0.0.1:{self.port}"
+
+    def set(self, waiting, running=0, model="m"):
+        self.waiting.labels(model).set(waiting)
+        self.running.labels(model).set(running)
 
 
 class Scaler:
@@ -288,33 +295,18 @@ def test_queue_depth_parses_vllm_text():
     assert queue_depth("") == 0
 
 
-class FakeKubeAPI:
+class FakeKubeAPI(LoopbackHTTP):
     """Loopback stand-in for the API server's EndpointSlice list (plain HTTP, so TLS is not exercised)."""
 
     def __init__(self, slices):
         self.requests = []
-        outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                outer.requests.append((self.path, self.headers.get("Authorization")))
-                body = json.dumps({"kind": "EndpointSliceList", "items": slices}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+        def respond(h):
+            self.requests.append((h.path, h.headers.get("Authorization")))
+            return 200, "application/json", json.dumps({"kind": "EndpointSliceList", "items": slices}).encode()
 
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(respond)
+        self.url = f"http://127.0.0.1:{self.port}"
 
 
 def test_endpoint_slices_give_ready_addresses():
