@@ -4,6 +4,7 @@ import json
 import os
 import random
 import tempfile
+import time
 
 import torch
 
@@ -31,6 +32,33 @@ def model_folder(cfg: dict = QWEN3_0_6B) -> str:
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(cfg, f)
     return folder
+
+
+# The engine settings of every W1 run (bench/throughput.py, bench/lora_throughput.py, bench/profile_step.py), so
+# that their figures compare.
+W1_ENGINE = dict(max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=2048, gpu_memory_utilization=0.85)
+
+
+def dummy_llm(cfg: dict = QWEN3_0_6B, **engine_args):
+    """An LLM on random weights of `cfg`'s shape, token ids in and out; bf16 and no prefix cache unless the
+    engine arguments say otherwise."""
+    from kvserve import LLM
+    defaults = dict(load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", enable_prefix_caching=False)
+    return LLM(model_folder(cfg), **(defaults | engine_args))
+
+
+def time_w1(llm, prompts, output_len: int, loras=None) -> tuple[float, int]:
+    """(seconds, output tokens) of `prompts` run to `output_len` tokens each, after a warm-up on the first 32 that
+    keeps kernel compilation out of the timing."""
+    from kvserve import SamplingParams
+    llm.generate(prompts[:32], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+                 lora_request=loras[:32] if loras else None)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True),
+                        lora_request=loras)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t, sum(len(o.outputs[0].token_ids) for o in outs)
 
 
 def param_count(cfg: dict) -> int:

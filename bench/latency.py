@@ -11,7 +11,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import QWEN3_0_6B, copy_bandwidth, kv_bytes_per_token, model_folder, param_count  # noqa: E402
+from common import QWEN3_0_6B, copy_bandwidth, dummy_llm, kv_bytes_per_token, param_count  # noqa: E402
 
 
 def main():
@@ -20,10 +20,9 @@ def main():
     ap.add_argument("--output-len", type=int, default=512)
     args = ap.parse_args()
     assert torch.cuda.is_available(), "bench/latency.py needs a CUDA device"
-    from kvserve import LLM, SamplingParams
+    from kvserve import SamplingParams
     bw = copy_bandwidth()
-    llm = LLM(model_folder(), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-              max_model_len=4096, max_num_seqs=8, gpu_memory_utilization=0.5, enable_prefix_caching=False)
+    llm = dummy_llm(max_model_len=4096, max_num_seqs=8, gpu_memory_utilization=0.5)
     prompt = list(range(1000, 1000 + args.prompt_len))
     llm.generate(prompt, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))  # warm-up
     torch.cuda.synchronize()

@@ -9,13 +9,12 @@ import os
 import sys
 import subprocess
 import tempfile
-import time
 
 import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import QWEN3_0_6B, model_folder, w1_prompts  # noqa: E402
+from common import QWEN3_0_6B, W1_ENGINE, dummy_llm, time_w1, w1_prompts  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -51,20 +50,10 @@ def make_adapters(root: str, n: int, rank: int, cfg: dict) -> dict[str, str]:
 
 
 def run(prompts, output_len, loras, args, adapters=None) -> float:
-    from kvserve import LLM, SamplingParams
     extra = dict(max_loras=len(adapters), max_lora_rank=args.rank, lora_modules=adapters,
                  lora_allowed_roots=[args.root]) if adapters else {}
-    llm = LLM(model_folder(), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", max_num_seqs=256,
-              max_model_len=2048, gpu_memory_utilization=0.85, enable_prefix_caching=False, **extra)
-    warm = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-    llm.generate(prompts[:32], warm, lora_request=loras[:32] if loras else None)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True),
-                        lora_request=loras)
-    torch.cuda.synchronize()
-    secs = time.perf_counter() - t
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    llm = dummy_llm(**W1_ENGINE, **extra)
+    secs, tokens = time_w1(llm, prompts, output_len, loras)
     del llm
     torch.cuda.empty_cache()
     return tokens / secs

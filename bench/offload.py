@@ -21,7 +21,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import QWEN3_0_6B, kv_bytes_per_token, model_folder  # noqa: E402
+from common import QWEN3_0_6B, dummy_llm, kv_bytes_per_token  # noqa: E402
 
 LLAMA_3_1_8B = dict(
     architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=4096,
@@ -38,15 +38,13 @@ TARGET = 3.0  # issue 6: restoring an 8k prefix on the Llama-3.1-8B shape is at 
 
 
 def run_shape(name: str, cfg: dict, args) -> dict:
-    from kvserve import LLM
-
     cuda = torch.cuda.is_available()
     total = args.prefix_len + args.suffix_len
-    llm = LLM(model_folder(cfg), load_format="dummy", skip_tokenizer_init=True,
-              dtype="bfloat16" if cuda else "float32", max_model_len=total + 16, max_num_batched_tokens=total,
-              max_num_seqs=8, gpu_memory_utilization=args.gpu_memory_utilization,
-              kv_offload_cpu_gb=args.cpu_gb, kv_offload_chunk_tokens=args.chunk_tokens,
-              **({} if cuda else {"num_gpu_blocks_override": 2 * (total // 16 + 2)}))
+    llm = dummy_llm(cfg, enable_prefix_caching=True,  # restored chunks land in the prefix cache
+                    dtype="bfloat16" if cuda else "float32", max_model_len=total + 16, max_num_batched_tokens=total,
+                    max_num_seqs=8, gpu_memory_utilization=args.gpu_memory_utilization,
+                    kv_offload_cpu_gb=args.cpu_gb, kv_offload_chunk_tokens=args.chunk_tokens,
+                    **({} if cuda else {"num_gpu_blocks_override": 2 * (total // 16 + 2)}))
     result = measure(llm, name, cfg, args)
     del llm
     gc.collect()

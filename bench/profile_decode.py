@@ -7,6 +7,7 @@ CUDA profiler, per step, against the wall time per step (the gap is host time th
 """
 import argparse
 import os
+import re
 import sys
 import time
 from collections import defaultdict
@@ -14,7 +15,7 @@ from collections import defaultdict
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import model_folder  # noqa: E402
+from common import dummy_llm  # noqa: E402
 
 
 def main():
@@ -33,11 +34,9 @@ def main():
         adapters = make_adapters(root, args.lora, 16, QWEN3_0_6B)
         names = list(adapters)
         extra = dict(max_loras=args.lora, max_lora_rank=16, lora_modules=adapters, lora_allowed_roots=[root])
-    from kvserve import LLM, SamplingParams
+    from kvserve import SamplingParams
     from torch.profiler import ProfilerActivity, profile
-    llm = LLM(model_folder(), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-              max_model_len=4096, max_num_seqs=max(args.batch), gpu_memory_utilization=0.5,
-              enable_prefix_caching=False, **extra)
+    llm = dummy_llm(max_model_len=4096, max_num_seqs=max(args.batch), gpu_memory_utilization=0.5, **extra)
     for b in args.batch:
         prompts = [list(range(1000 + i, 1000 + i + args.prompt_len)) for i in range(b)]
         loras = [names[i % len(names)] for i in range(b)] if names else None
@@ -81,7 +80,9 @@ def host_profile(llm, prompts, params, loras, steps):
     prof.disable()
     wall = time.perf_counter() - t
     stats = pstats.Stats(prof)
-    wait = sum(v[2] for k, v in stats.stats.items() if k[2] in ("synchronize", "tolist", "item"))
+    # cProfile names C functions "<function Event.synchronize at 0x...>", "<method 'tolist' of ...>"
+    waits = re.compile(r"\bsynchronize\b|'tolist'|'item'")
+    wait = sum(v[2] for k, v in stats.stats.items() if waits.search(k[2]))
     print(f"host: {wall / steps * 1e6:.0f} us/step under cProfile, of which waiting for the device "
           f"{wait / steps * 1e6:.0f} us/step; busiest functions:")
     out = io.StringIO()

@@ -1,13 +1,10 @@
-"""Where a decode step's time goes: the engine's phases timed with device syncs between them, on W1's
-shape (the first requests of W1, a short decode), plus a cProfile of the host side.
+"""Where a step's time goes: the engine's phases timed with device syncs between them, on W1's shape (the first
+requests of W1, a short decode). The host side without syncs: bench/profile_decode.py.
 
     python bench/profile_step.py [--num-requests 256] [--output-len 64]
 """
 import argparse
-import cProfile
-import io
 import os
-import pstats
 import sys
 import time
 from collections import defaultdict
@@ -15,7 +12,7 @@ from collections import defaultdict
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import model_folder, w1_prompts  # noqa: E402
+from common import W1_ENGINE, dummy_llm, w1_prompts  # noqa: E402
 
 
 def main():
@@ -23,10 +20,9 @@ def main():
     ap.add_argument("--num-requests", type=int, default=256)
     ap.add_argument("--output-len", type=int, default=64)
     args = ap.parse_args()
-    from kvserve import LLM, SamplingParams
+    from kvserve import SamplingParams
     import kvserve.runtime.engine as engine_mod
-    llm = LLM(model_folder(), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", max_num_seqs=256,
-              max_model_len=2048, gpu_memory_utilization=0.85, enable_prefix_caching=False)
+    llm = dummy_llm(**W1_ENGINE)
     eng, runner = llm.engine, llm.engine.runner
     times = defaultdict(float)
     counts = defaultdict(int)
@@ -54,7 +50,8 @@ def main():
         runner.graphs.replay = timed("graph_replay(incl. staging)", runner.graphs.replay)
     runner._eager = timed("eager_forward", runner._eager)
     runner.model.logits = timed("lm_head", runner.model.logits)
-    engine_mod.sample = timed("sample", engine_mod.sample)
+    engine_mod.sample = timed("sample", engine_mod.sample)  # host-side sampling (logprobs, penalties)
+    engine_mod.sample_tokens = timed("sample", engine_mod.sample_tokens)  # on the device (the W1 case)
     eng._append = timed("append(postprocess)", eng._append)
     step = timed("step(total)", eng.step)
     eng.step = step
@@ -67,17 +64,6 @@ def main():
     print("eager step ms, in order:", calls["eager_forward"])
     llm.generate(prompts, p)  # again: compiled kernels only
     print("eager step ms, second run:", calls["eager_forward"][len(calls["eager_forward"]) // 2:])
-    # host-side profile without syncs
-    eng.step = step.__wrapped__ if hasattr(step, "__wrapped__") else step
-    prof = cProfile.Profile()
-    prof.enable()
-    llm.generate(prompts[:args.num_requests], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
-    prof.disable()
-    s = io.StringIO()
-    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(20)
-    print(s.getvalue()[-6000:])
-
-
 
 
 def logits_variants():

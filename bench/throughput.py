@@ -15,7 +15,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import QWEN3_0_6B, copy_bandwidth, kv_bytes_per_token, model_folder, param_count, w1_prompts  # noqa: E402
+from common import (QWEN3_0_6B, W1_ENGINE, copy_bandwidth, dummy_llm, kv_bytes_per_token, param_count,  # noqa: E402
+                    time_w1, w1_prompts)
 
 
 def floor_seconds(prompts, output_len, cfg, bandwidth) -> float:
@@ -26,23 +27,12 @@ def floor_seconds(prompts, output_len, cfg, bandwidth) -> float:
 
 
 def run_ours(prompts, output_len, args) -> tuple[float, int]:
-    from kvserve import LLM, SamplingParams
-    llm = LLM(model_folder(), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              max_model_len=2048, gpu_memory_utilization=args.gpu_memory_utilization,
-              enable_prefix_caching=False)
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    # warm-up: compile the prefill and mixed-step kernels outside the timed run
-    llm.generate(prompts[:32], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    torch.cuda.synchronize()
-    secs = time.perf_counter() - t
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    llm = dummy_llm(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                    max_model_len=W1_ENGINE["max_model_len"], gpu_memory_utilization=args.gpu_memory_utilization)
+    result = time_w1(llm, prompts, output_len)
     del llm
     torch.cuda.empty_cache()
-    return secs, tokens
+    return result
 
 
 def run_hf(prompts, output_len) -> tuple[float, int]:
@@ -72,9 +62,9 @@ def main():
     ap.add_argument("--num-requests", type=int, default=256)
     ap.add_argument("--output-len", type=int, default=512)
     ap.add_argument("--hf-requests", type=int, default=64, help="requests for the peer (0: skip); its run is slow")
-    ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    ap.add_argument("--max-num-seqs", type=int, default=W1_ENGINE["max_num_seqs"])
+    ap.add_argument("--max-num-batched-tokens", type=int, default=W1_ENGINE["max_num_batched_tokens"])
+    ap.add_argument("--gpu-memory-utilization", type=float, default=W1_ENGINE["gpu_memory_utilization"])
     args = ap.parse_args()
     assert torch.cuda.is_available(), "bench/throughput.py needs a CUDA device"
     prompts = w1_prompts(args.num_requests)
