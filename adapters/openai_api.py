@@ -14,7 +14,7 @@ from fastapi import APIRouter, FastAPI, Request, Response
 
 from kvserve.adapters.errors import OpenAIError
 from kvserve.adapters.openai_models import ChatCompletionRequest, CompletionRequest
-from kvserve.adapters.params import request_ids
+from kvserve.adapters.params import SAMPLING_PARAMS, request_ids
 from kvserve.adapters.predictor import KVServeModel
 from kvserve.adapters.streams import SSEResponse, collect, merge, prepend, sse, unless_disconnected
 from kvserve.runtime.outputs import CompletionOutput, RequestOutput
@@ -22,9 +22,8 @@ from kvserve.runtime.sampling_params import SamplingParams
 
 log = logging.getLogger("kvserve.openai")
 
-_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
-                    "repetition_penalty", "min_tokens", "ignore_eos", "stop", "stop_token_ids",
-                    "include_stop_str_in_output", "skip_special_tokens")
+# max_tokens comes from max_tokens or max_completion_tokens, by route
+_SAMPLING_FIELDS = [name for name in SAMPLING_PARAMS if name != "max_tokens"]
 _MIN_LOGPROB = -9999.0  # JSON has no -Infinity
 
 

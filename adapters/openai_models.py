@@ -5,38 +5,25 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kvserve.adapters.params import SamplingFields
+
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
 
 
-class _Sampling(BaseModel):
+class _Sampling(SamplingFields):
+    """The sampling fields every protocol shares (params.SAMPLING_PARAMS) plus OpenAI's own."""
     model_config = ConfigDict(extra="forbid")
     model: str | None = Field(None, description="a served model name; default: the served model")
     n: int = 1
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
     user: str | None = None
     timeout: float | None = Field(None, description="seconds until the request is aborted (504); "
                                   "default and upper bound: the server's --request-timeout")
-    # vLLM's extensions
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    min_tokens: int | None = None
-    ignore_eos: bool | None = None
-    stop_token_ids: list[int] | None = None
-    include_stop_str_in_output: bool | None = None
-    skip_special_tokens: bool | None = None
 
 
 class CompletionRequest(_Sampling):
