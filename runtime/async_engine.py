@@ -218,8 +218,7 @@ class AsyncEngine:
         self._inbox.put(("call", (lambda: self.engine.remove_lora(name), loop, future)))
         self._wake.set()
         while not future.done():
-            if self.dead_error is not None:
-                raise EngineDeadError(f"engine loop died: {self.dead_error!r}")
+            self._check_alive()  # a dead or stopped loop never runs the call
             await asyncio.wait([future], timeout=1.0)
         return future.result()
 

@@ -250,11 +250,10 @@ class DecodeGraphs:
         self.cu = torch.arange(n + 1, dtype=torch.int32, device=dev)
         # per-token LoRA slots (-1: base model): with adapters enabled every graph holds the LoRA kernels
         self.lora_slots = torch.full((n,), -1, dtype=torch.int32, device=dev) if runner.lora else None
-        self.lora_staging = torch.full((n,), -1, dtype=torch.int32).pin_memory() if runner.lora else None
-        # each step's inputs go up in one copy: ids, pos, slots, lens, then the block table, packed
+        # each step's inputs go up in one copy: ids, pos, slots, lens, LoRA slots, then the block table, packed
         # Two host buffers, alternating: with pipelined steps the host fills the next step's inputs while the
         # previous copy may still be queued.
-        self.staging = [torch.zeros(4 * n + n * width, dtype=torch.int64).pin_memory() for _ in range(2)]
+        self.staging = [torch.zeros(5 * n + n * width, dtype=torch.int64).pin_memory() for _ in range(2)]
         self.staging_dev = torch.zeros_like(self.staging[0], device=dev)
         self.flip = 0
         self.width = width
@@ -287,7 +286,6 @@ class DecodeGraphs:
     def replay(self, step: dict) -> torch.Tensor:
         b = len(step["ids"])
         size = next(s for s in self.sizes if s >= b)
-        pad = size - b
         widest = max(len(t) for t in step["tables"])
         # numpy fills the pinned buffer far faster than torch.tensor(list) builds one
         self.flip ^= 1
@@ -296,8 +294,11 @@ class DecodeGraphs:
         st[0:b], st[size:size + b] = step["ids"], step["pos"]
         st[2 * size:2 * size + b], st[3 * size:3 * size + b] = step["slots"], step["lens"]
         st[b:size], st[size + b:2 * size], st[2 * size + b:3 * size], st[3 * size + b:4 * size] = 0, 0, -1, 1
-        used = 4 * size + size * widest
-        table = st[4 * size:used].reshape(size, widest)
+        st[4 * size:5 * size] = -1
+        if step["lora"]:
+            st[4 * size:4 * size + b] = step["lora"]
+        used = 5 * size + size * widest
+        table = st[5 * size:used].reshape(size, widest)
         table[:] = 0
         for i, t in enumerate(step["tables"]):
             table[i, :len(t)] = t
@@ -307,11 +308,10 @@ class DecodeGraphs:
         self.pos[:size].copy_(dev[size:2 * size])
         self.slots[:size].copy_(dev[2 * size:3 * size])
         self.lens[:size].copy_(dev[3 * size:4 * size])
-        self.tables[:size, :widest].copy_(dev[4 * size:used].view(size, widest))
-        self.runner._substitute(self.ids, step["subst"])
         if self.lora_slots is not None:
-            self.lora_staging[:size] = torch.tensor((step["lora"] or [-1] * b) + [-1] * pad, dtype=torch.int32)
-            self.lora_slots[:size].copy_(self.lora_staging[:size], non_blocking=True)
+            self.lora_slots[:size].copy_(dev[4 * size:5 * size])
+        self.tables[:size, :widest].copy_(dev[5 * size:used].view(size, widest))
+        self.runner._substitute(self.ids, step["subst"])
         graph, out = self.graphs[size]
         graph.replay()
         return out[:b]

@@ -10,7 +10,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from kvserve import LLM, SamplingParams
-from kvserve.runtime.async_engine import AsyncEngine
+from kvserve.runtime.async_engine import AsyncEngine, EngineDeadError
 from kvserve.runtime.config import EngineConfig
 from kvserve.runtime.engine import Engine
 from tiny_models import ALL, explain_divergence, make_adapter
@@ -285,3 +285,5 @@ def test_async_load_unload_ordering(tiny_model, tmp_path):
     finally:
         eng.shutdown()
     assert not eng.errored and eng.stats().num_running == 0
+    with pytest.raises(EngineDeadError, match="shut down"):  # no loop runs the call: refused, not hung
+        asyncio.run(asyncio.wait_for(eng.remove_lora("x"), 10))

@@ -78,6 +78,35 @@ def make_adapter(base: str, folder, r=8, alpha=None, targets=ALL, seed=0, rslora
     return str(folder)
 
 
+def write_adapter(base: str, folder, r=8, seed=0) -> str:
+    """A PEFT-format adapter on all seven projections written without peft (machines without it, the GPU one),
+    drawn as make_adapter draws its weights."""
+    import json
+    from safetensors.torch import save_file
+
+    with open(os.path.join(base, "config.json")) as f:
+        c = json.load(f)
+    h, heads, kv = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]
+    d = c.get("head_dim") or h // heads
+    shapes = {"q_proj": (h, heads * d), "k_proj": (h, kv * d), "v_proj": (h, kv * d), "o_proj": (heads * d, h),
+              "gate_proj": (h, c["intermediate_size"]), "up_proj": (h, c["intermediate_size"]),
+              "down_proj": (c["intermediate_size"], h)}  # (in, out)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(c["num_hidden_layers"]):
+        for m, (fan_in, fan_out) in shapes.items():
+            part = "mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            key = f"base_model.model.model.layers.{layer}.{part}.{m}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(r, fan_in, generator=g) * 1.5 / fan_in ** 0.5
+            tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, r, generator=g) * 1.5 / r ** 0.5
+    os.makedirs(folder, exist_ok=True)
+    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": r, "lora_alpha": r, "target_modules": ALL, "bias": "none",
+                   "task_type": "CAUSAL_LM"}, f)
+    return str(folder)
+
+
 def explain_divergence(hf, prompt, ref, got):
     """A divergence is only acceptable at an exact tie of HF's top two fp32 logits."""
     i = next(j for j, (a, b) in enumerate(zip(ref, got)) if a != b)
