@@ -1,6 +1,8 @@
 """Engine configuration: one plain dataclass, field names after vLLM's engine arguments."""
 from dataclasses import dataclass, fields
 
+OFFLOAD_POLICIES = ("auto", "always", "never")  # see runtime/kv_offload.py
+
 
 @dataclass
 class EngineConfig:
@@ -62,6 +64,20 @@ class EngineConfig:
         if self.max_loras < 0 or self.max_lora_rank < 1:
             raise ValueError(f"max_loras must be >= 0 and max_lora_rank >= 1, got {self.max_loras}, "
                              f"{self.max_lora_rank}")
+        if self.max_cpu_loras and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras ({self.max_loras})")
+        if self.kv_offload_enabled:
+            if self.kv_offload_policy not in OFFLOAD_POLICIES:
+                raise ValueError(f"kv_offload_policy must be one of {', '.join(OFFLOAD_POLICIES)}, "
+                                 f"got {self.kv_offload_policy!r}")
+            if not self.enable_prefix_caching:
+                raise ValueError("KV offload names chunks by the prefix cache's block hashes: "
+                                 "it needs enable_prefix_caching")
+
+    @property
+    def kv_offload_enabled(self) -> bool:
+        """Whether any KV offload tier is configured."""
+        return self.kv_offload_cpu_gb > 0 or bool(self.kv_offload_disk_path) or bool(self.kv_offload_remote)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":

@@ -225,11 +225,10 @@ class Engine:
         started = time.perf_counter()
         logits = self.runner.run(batch, prev_tokens)
         sampling = []  # sequences whose step reached the end of their known tokens: they get a new token
-        cache_blocks = self.block_manager.cache_full_blocks if self.block_manager.enable_prefix_caching else None
         for seq, n in batch:
             seq.num_computed_tokens += n
-            if cache_blocks is not None and seq.pending_row < 0:  # a placeholder is hashed once it is known
-                cache_blocks(seq)
+            if seq.pending_row < 0:  # a placeholder is hashed once it is known
+                self.block_manager.cache_full_blocks(seq)
             if seq.num_computed_tokens == len(seq.token_ids):
                 sampling.append(seq)
         step = _Step(batch, sampling, logits, None, started)
@@ -268,7 +267,7 @@ class Engine:
                 continue
             req = seq.request
             self._append(seq, token_ids[i], logprobs[i])
-            if placeholder_filled and not seq.finished and self.block_manager.enable_prefix_caching:
+            if placeholder_filled and not seq.finished:
                 self.block_manager.cache_full_blocks(seq)  # the blocks the step in flight filled
             if req.first_token_time is None:
                 req.first_token_time = now

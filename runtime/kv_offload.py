@@ -32,7 +32,6 @@ log = logging.getLogger("kvserve.kv_offload")
 # Bump when the meaning of a chunk's payload changes (the KV tensor's layout, how positions are encoded...):
 # it is part of the model identity, so older chunks simply stop matching.
 LAYOUT_VERSION = 1
-POLICIES = ("auto", "always", "never")
 # Load-or-recompute: the fixed cost of fetching one chunk from each tier, and read bandwidths (bytes/s) assumed
 # until the first measured read.
 FLOOR_S = {"cpu": 20e-6, "disk": 0.5e-3, "remote": 10e-3}
@@ -122,9 +121,12 @@ class Writer:
         self.thread = threading.Thread(target=self._run, name="kvserve-kv-writer", daemon=True)
         self.thread.start()
 
+    def _fits(self, nbytes: int) -> bool:  # under self.cond; one job always fits, however large
+        return self.pending_bytes == 0 or self.pending_bytes + nbytes <= self.max_bytes
+
     def has_room(self, nbytes: int) -> bool:
         with self.cond:
-            return self.pending_bytes == 0 or self.pending_bytes + nbytes <= self.max_bytes
+            return self._fits(nbytes)
 
     def pending(self, key: str) -> bool:
         with self.cond:
@@ -133,7 +135,7 @@ class Writer:
     def submit(self, key: str, host: torch.Tensor, event) -> bool:
         nbytes = host.numel() * host.element_size()
         with self.cond:
-            if self.stopped or not (self.pending_bytes == 0 or self.pending_bytes + nbytes <= self.max_bytes):
+            if self.stopped or not self._fits(nbytes):
                 return False
             self.jobs.append((key, host, event, nbytes))
             self.pending_bytes += nbytes
@@ -180,18 +182,13 @@ class KVOffload:
     @classmethod
     def create(cls, config: EngineConfig, runner, block_manager: BlockManager) -> "KVOffload | None":
         """None unless a tier is configured."""
-        if config.kv_offload_cpu_gb > 0 or config.kv_offload_disk_path or config.kv_offload_remote:
+        if config.kv_offload_enabled:
             return cls(config, runner, block_manager)
         return None
 
     def __init__(self, config: EngineConfig, runner, block_manager: BlockManager):
-        if config.kv_offload_policy not in POLICIES:
-            raise ValueError(f"kv_offload_policy must be one of {', '.join(POLICIES)}, "
-                             f"got {config.kv_offload_policy!r}")
-        if not config.enable_prefix_caching:
-            raise ValueError("KV offload names chunks by the prefix cache's block hashes: "
-                             "it needs enable_prefix_caching")
         self.bm = block_manager
+        self.runner = runner
         self.kv = runner.kv_cache  # [2, layers, blocks, block_size, kv_heads, head_dim]
         self.device = runner.device
         self.cuda = self.device.type == "cuda"
@@ -253,10 +250,6 @@ class KVOffload:
     def _alloc(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda)
 
-    def _index(self, block_ids: list[int]) -> torch.Tensor:
-        t = torch.tensor(block_ids, dtype=torch.long)
-        return t.pin_memory().to(self.device, non_blocking=True) if self.cuda else t
-
     def _probe_copy_bandwidth(self) -> float:
         n = min(self.spec.nbytes, 64 << 20)
         src, dst = self._alloc(n), torch.empty(n, dtype=torch.uint8, device=self.device)
@@ -303,14 +296,7 @@ class KVOffload:
         """The blocks' KV as one host chunk. On CUDA: gathered on the device and copied down asynchronously
         into pinned memory, so the step loop does not wait (the event marks the copy's end); later steps may
         reuse the blocks, but their writes are ordered after this copy on the same stream."""
-        chunk = self.kv.index_select(2, self._index(block_ids))
-        if not self.cuda:
-            return chunk, None
-        host = self._alloc(self.spec.nbytes).view(self.spec.dtype).view(self.spec.shape)
-        host.copy_(chunk, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return host, event
+        return self.runner.copy_to_host(self.kv.index_select(2, self.runner._to_device(block_ids, torch.long)))
 
     # -- load ----------------------------------------------------------------------------------------------------
     def load_estimate(self, tier: str) -> float:
@@ -391,7 +377,7 @@ class KVOffload:
         pos = 0
         for tier, host, lo, hi in plan:
             src = host.to(self.device, non_blocking=True) if self.cuda else host
-            self.kv.index_copy_(2, self._index(ids[pos:pos + hi - lo]), src[:, :, lo:hi])
+            self.kv.index_copy_(2, self.runner._to_device(ids[pos:pos + hi - lo], torch.long), src[:, :, lo:hi])
             pos += hi - lo
             self.stats.loaded(tier, self.spec.nbytes)
         seq.num_computed_tokens += total * bs
@@ -417,7 +403,3 @@ class KVOffload:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait for queued saves to reach the disk and remote tiers; False on timeout."""
         return self.writer is None or self.writer.flush(timeout)
-
-    def close(self, timeout: float | None = None) -> None:
-        if self.writer is not None:
-            self.writer.close(timeout)

@@ -60,7 +60,8 @@ def allowed_roots(config: EngineConfig) -> list[str]:
     """Folders adapters may be loaded from; default: the model's adapters/ and the download cache."""
     roots = config.lora_allowed_roots
     if roots is None:
-        roots = [os.path.join(config.model, "adapters"), os.environ.get("KVSERVE_CACHE_DIR") or "~/.cache/kvserve"]
+        from kvserve.adapters.model_source import cache_root  # the loader's download cache
+        roots = [os.path.join(config.model, "adapters"), str(cache_root())]
     return [os.path.realpath(os.path.expanduser(r)) for r in roots]
 
 
@@ -156,10 +157,6 @@ class LoRAManager:
         self.max_loras = config.max_loras
         self.max_rank = config.max_lora_rank
         self.max_cpu_loras = config.max_cpu_loras or config.max_loras  # vLLM's default
-        if self.max_loras < 1 or self.max_rank < 1:
-            raise ValueError(f"max_loras ({self.max_loras}) and max_lora_rank ({self.max_rank}) must be >= 1")
-        if self.max_cpu_loras < self.max_loras:
-            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras ({self.max_loras})")
         self.rank = max(16, 1 << (self.max_rank - 1).bit_length())  # tl.dot wants a power of two >= 16
         self.roots = allowed_roots(config)
         self.layers = model.model.layers

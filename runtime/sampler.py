@@ -113,9 +113,7 @@ def sample_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: set[int]) -> SampleResult:
     """logits: [B, vocab], one row per sequence in `seqs`; the full path with penalties, min_tokens and
-    logprobs. Reads the tokens back."""
-    if not needs_host(seqs):
-        return SampleResult(sample_tokens(logits, seqs).tolist(), [None] * len(seqs))
+    logprobs, for rows that need the host (needs_host). Reads the tokens back."""
     logits = logits.float()
     raw = logits
     if any(s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty
