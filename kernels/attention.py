@@ -11,22 +11,18 @@ kernel reads from `meta.seq_lens`), so a decode step can be captured in a CUDA g
 """
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from kvserve.kernels.env import dot_precision, interpreting
 from kvserve.kernels.metadata import AttentionMetadata
 
 # A split must have enough keys to amortise writing and merging its partial result.
 MIN_KEYS_PER_SPLIT = 512
 MAX_SPLITS = 64
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
 @triton.jit
@@ -233,7 +229,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             workspace = torch.empty(n, dtype=torch.float32, device=q.device)
         assert workspace.dtype == torch.float32 and workspace.numel() >= n, "workspace too small"
         rows = num_tokens * num_q_heads * num_splits
-        part_acc, part_m, part_l = workspace[:rows * (head_dim + 2)].split([rows * head_dim, rows, rows])
+        part_acc, part_m, part_l = workspace[:n].split([rows * head_dim, rows, rows])
     else:
         part_acc = part_m = part_l = out  # never touched
 
@@ -244,8 +240,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), meta.block_tables.stride(0),
         GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=tiles.block_n, HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, DECODE=decode, UPCAST=_interpreting(),
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, DECODE=decode, UPCAST=interpreting(),
+        DOT_PRECISION=dot_precision(q.dtype),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_q_heads)](

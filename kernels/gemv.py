@@ -6,17 +6,17 @@ the projections of a Qwen3-0.6B layer took 20.7 µs against cuBLAS's 25.2 (bench
 configurations are the winners of that sweep; autotuning picks one per weight shape on first use (the decode
 graphs' warm-up runs, before capture).
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from kvserve.kernels.env import interpreting
 
 
 def _configs() -> list[triton.Config]:
     # (rows per program, features per step, warps, stages)
     winners = [(4, 512, 4, 1), (4, 128, 8, 3), (8, 512, 4, 3), (4, 128, 8, 1)]
-    if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on"):
+    if interpreting():
         winners = winners[:1]  # the interpreter runs no autotuning
     return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for n, k, w, s in winners]
 

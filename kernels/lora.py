@@ -11,18 +11,14 @@ orders each step's tokens by adapter, so that is one or two), so the grid, and w
 only on the token count. The shrink also splits the input features over programs (partial sums, added up
 by the expand): a decode step's few tiles of tokens would otherwise leave most of the GPU idle.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from kvserve.kernels.env import dot_precision, interpreting
+
 BLOCK_T = 16  # tokens per program: tl.dot's minimum rows
 K_PER_SPLIT = 256  # shrink: input features per program, so a few tiles of tokens still fill the GPU
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
 @triton.jit
@@ -107,7 +103,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor) -> torch.
     """x [T, K], a [L, N, K], slots [T] int32 -> h [S, T, N] fp32, partial sums over S splits of K (expand adds
     them up). Rows of base-model tokens are left undefined."""
     num_tokens, k = x.shape
-    num_slots, n, _ = a.shape
+    n = a.shape[1]
     if x.stride(-1) != 1:
         x = x.contiguous()
     assert a.numel() < 2**31, "adapter slots too large for the kernel's int32 offsets"
@@ -118,8 +114,8 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor) -> torch.
         block_k = 64 if block_n <= 128 else 32
         _shrink_kernel[(triton.cdiv(num_tokens, BLOCK_T), splits)](
             x, a, slots, h, num_tokens, n, k, x.stride(0), BLOCK_T=BLOCK_T, BLOCK_N=block_n, BLOCK_K=block_k,
-            K_PER_SPLIT=K_PER_SPLIT, UPCAST=_interpreting(),
-            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4)
+            K_PER_SPLIT=K_PER_SPLIT, UPCAST=interpreting(),
+            DOT_PRECISION=dot_precision(x.dtype), num_warps=4)
     return h
 
 
@@ -128,7 +124,7 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: torch.
     """y [T, sum(shards)] += per-shard (sum of h's splits) @ B^T * scale, in place; h [S, T, N] fp32,
     b [L, sum(shards), R], scale [L] fp32."""
     num_tokens, out = y.shape
-    num_slots, _, rank = b.shape
+    rank = b.shape[2]
     assert 1 <= len(shards) <= 3 and sum(shards) == out and y.stride(-1) == 1
     assert b.numel() < 2**31, "adapter slots too large for the kernel's int32 offsets"
     if num_tokens:
@@ -137,6 +133,6 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: torch.
         grid = (triton.cdiv(num_tokens, BLOCK_T), triton.cdiv(max(shards), block_o), len(shards))
         _expand_kernel[grid](
             h, b, scale, slots, y, num_tokens, h.shape[2], out, y.stride(0), *sizes, h.shape[0],
-            R=rank, BLOCK_T=BLOCK_T, BLOCK_O=block_o, UPCAST=_interpreting(),
-            DOT_PRECISION="ieee" if b.dtype == torch.float32 else "tf32", num_warps=4)
+            R=rank, BLOCK_T=BLOCK_T, BLOCK_O=block_o, UPCAST=interpreting(),
+            DOT_PRECISION=dot_precision(b.dtype), num_warps=4)
     return y

@@ -108,12 +108,12 @@ def lora_expand_ref(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: to
     `result + lora_B(lora_A(x)) * scaling`, operation for operation."""
     rank = b.shape[2]
     h = h.sum(0)
+    parts = [h[:, s * rank:(s + 1) * rank].to(b.dtype).float() for s in range(len(shards))]  # as the kernel rounds
     for slot in range(b.shape[0]):
         mine = (slots == slot)[:, None]
         start = 0
         for s, size in enumerate(shards):
-            part = h[:, s * rank:(s + 1) * rank].to(b.dtype).float()
-            delta = (part @ b[slot, start:start + size].float().T) * scale[slot]
+            delta = (parts[s] @ b[slot, start:start + size].float().T) * scale[slot]
             ys = y[:, start:start + size]
             ys.copy_(torch.where(mine, (ys.float() + delta).to(y.dtype), ys))
             start += size
