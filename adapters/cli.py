@@ -201,7 +201,7 @@ def serve(args: argparse.Namespace) -> int:
     from kvserve.adapters.predictor import KVServeModel, V2DataPlane
 
     model = KVServeModel(name, config, served_names=[config.served_model_name] if config.served_model_name else [],
-                         stat_loggers=[EngineMetrics(name, config.max_loras)], api_key=args.api_key)
+                         stat_loggers=[EngineMetrics(name, config.max_loras)])
     try:
         model.load()
     except ValueError as e:  # engine settings the model or the device cannot honour (e.g. max_model_len)

@@ -108,27 +108,19 @@ async def _openai_error(request: Request, exc: OpenAIError):
     return exc.response()
 
 
-async def _unavailable(request: Request, exc: Unavailable):
+# The server's states, in KServe's shape on the v2 and generate routes: (status, headers)
+_STATES = {Unavailable: (503, None), Overloaded: (503, {"retry-after": RETRY_AFTER}), RequestTimeout: (504, None)}
+
+
+async def _server_state(request: Request, exc: Exception):
     if request.url.path.startswith(OPENAI_PREFIXES):
         return OpenAIError.from_exception(exc).response()
-    return JSONResponse({"error": str(exc)}, status_code=503)
-
-
-async def _overloaded(request: Request, exc: Overloaded):
-    if request.url.path.startswith(OPENAI_PREFIXES):
-        return OpenAIError.from_exception(exc).response()
-    return JSONResponse({"error": str(exc)}, status_code=503, headers={"retry-after": RETRY_AFTER})
-
-
-async def _timed_out(request: Request, exc: RequestTimeout):
-    if request.url.path.startswith(OPENAI_PREFIXES):
-        return OpenAIError.from_exception(exc).response()
-    return JSONResponse({"error": str(exc)}, status_code=504)
+    status, headers = next(v for kind, v in _STATES.items() if isinstance(exc, kind))
+    return JSONResponse({"error": str(exc)}, status_code=status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(OpenAIError, _openai_error)
-    app.add_exception_handler(Unavailable, _unavailable)
-    app.add_exception_handler(Overloaded, _overloaded)
-    app.add_exception_handler(RequestTimeout, _timed_out)
+    for kind in _STATES:
+        app.add_exception_handler(kind, _server_state)

@@ -13,6 +13,7 @@ import grpc
 from kserve.errors import InvalidInput
 from starlette.responses import JSONResponse
 
+from kvserve.adapters.errors import OpenAIError
 from kvserve.runtime.sampling_params import SamplingParams
 
 _DOCS = re.compile(r"^/(openapi\.json|docs|docs/oauth2-redirect|redoc)$")
@@ -83,11 +84,8 @@ def seconds(value, unit: float = 1.0) -> float:
 
 def _error(path: str, status: int, message: str, headers: dict | None = None) -> JSONResponse:
     if path.startswith(_OPENAI):
-        kind = "authentication_error" if status == 401 else "invalid_request_error"
-        body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
-    else:
-        body = {"error": message}
-    return JSONResponse(body, status_code=status, headers=headers)
+        return OpenAIError(status, message, headers=headers).response()
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 class GuardMiddleware:

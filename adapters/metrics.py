@@ -102,7 +102,7 @@ class EngineMetrics:
     def __init__(self, model_name: str, max_loras: int = 0):
         self.model_name = model_name
         self.max_loras = max_loras  # vLLM exports vllm:lora_requests_info only when LoRA is enabled
-        self._seen = {name: 0 for name in _COUNTED}  # cumulative values already added to the counters
+        self._seen: dict = {}  # counter field (or (field, tier)) -> cumulative value already added
         self._last_token_time: dict[str, float] = {}
         self._lora_labels: tuple[str, ...] | None = None
         # Bound children: labels() on every step would hash label tuples on the engine's hot path.
@@ -115,7 +115,7 @@ class EngineMetrics:
         self._gen_hist = REQUEST_GENERATION_TOKENS.labels(model_name)
         self._ttft, self._itl = TTFT.labels(model_name), ITL.labels(model_name)
         self._e2e, self._queue = E2E.labels(model_name), QUEUE_TIME.labels(model_name)
-        self._offload_seen: dict[tuple[str, str], int] = {}  # (field, tier or "") -> value already counted
+        self._offload_children: dict[tuple[str, str], object] = {}  # (field, tier or "") -> bound counter
 
     def __call__(self, step: StepStats) -> None:
         s = step.stats
@@ -149,15 +149,17 @@ class EngineMetrics:
         if self.max_loras > 0:
             self._set_lora(s)
 
+    def _advance(self, key, value: int) -> int:
+        """How far a cumulative engine figure moved since the last step (all of it after an engine restart)."""
+        seen = self._seen.get(key, 0)
+        self._seen[key] = value
+        return value if value < seen else value - seen
+
     def _count(self, s: EngineStats) -> None:
         for name, counter in self._counters.items():
-            value = getattr(s, name)
-            delta = value - self._seen[name]
-            if delta < 0:  # the engine behind this logger restarted from zero
-                delta = value
+            delta = self._advance(name, getattr(s, name))
             if delta:
                 counter.inc(delta)
-            self._seen[name] = value
 
     def _set_lora(self, s: EngineStats) -> None:
         labels = (self.model_name, str(self.max_loras), ",".join(s.waiting_loras), ",".join(s.running_loras))
@@ -172,11 +174,13 @@ class EngineMetrics:
         for name, metric in _OFFLOAD.items():
             value = getattr(s, name)
             for tier, v in (value.items() if isinstance(value, dict) else [("", value)]):
-                seen = self._offload_seen.get((name, tier), 0)
-                delta = v if v < seen else v - seen  # below what was seen: the engine restarted from zero
+                delta = self._advance((name, tier), v)
                 if delta:
-                    (metric.labels(self.model_name, tier) if tier else metric.labels(self.model_name)).inc(delta)
-                self._offload_seen[(name, tier)] = v
+                    child = self._offload_children.get((name, tier))
+                    if child is None:  # bound once, as the other counters
+                        labels = (self.model_name, tier) if tier else (self.model_name,)
+                        child = self._offload_children[name, tier] = metric.labels(*labels)
+                    child.inc(delta)
 
     def close(self) -> None:
         """Drop this model's series (the model was unloaded); the logger must not be called after this."""
@@ -189,7 +193,7 @@ class EngineMetrics:
         if self._lora_labels is not None:
             _remove(LORA_INFO, *self._lora_labels)
             self._lora_labels = None
-        for name, tier in self._offload_seen:
+        for name, tier in self._offload_children:
             _remove(_OFFLOAD[name], self.model_name, *([tier] if tier else []))
 
 

@@ -31,13 +31,12 @@ from kvserve.runtime.sampling_params import SamplingParams
 
 class KVServeModel(Model):
     def __init__(self, name: str, config: EngineConfig, served_names: list[str] | None = None,
-                 stat_loggers: list[Callable] = (), api_key: str | None = None):
+                 stat_loggers: list[Callable] = ()):
         super().__init__(name, return_response_headers=True)
         self.config = config
         # Names the OpenAI routes answer to; the first is the one /models lists first.
         self.served_names = list(dict.fromkeys([*(served_names or []), name]))
         self.stat_loggers = list(stat_loggers)
-        self.api_key = api_key  # enforced in front of the routes (adapters/guard.py)
         self.limits = Limits()  # per-request limits and the default deadline (the CLI sets its flags')
         self.draining = False  # SIGTERM: not ready, new requests refused, running ones finish
         self.async_engine: AsyncEngine | None = None

@@ -56,7 +56,7 @@ async def collect(streams: list[AsyncIterator[RequestOutput]]) -> list[RequestOu
 
 
 def sse(obj: Any) -> bytes:
-    return b"data: " + (obj if isinstance(obj, bytes) else orjson.dumps(obj)) + b"\n\n"
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
 class SSEResponse(StreamingResponse):
