@@ -132,13 +132,13 @@ class KVServeModel(Model):
         """`lora`: the adapter whose name the request addressed; otherwise the `lora` request parameter."""
         if not isinstance(payload, InferRequest):
             raise InvalidInput("this model speaks the v2 protocol: POST /v2/models/{name}/infer")
-        prompts, fields = v2_request(payload)
-        lora = lora or plain_parameters(payload.parameters).get("lora")
+        prompts, fields, request_params = v2_request(payload)
+        lora = lora or request_params.get("lora")
         if lora is not None and not isinstance(lora, str):
             raise InvalidInput(f"parameter 'lora' must be an adapter name (a string), got {lora!r}")
         params = [sampling_params(f) for f in fields]
         base, ids = request_ids(payload.id or (headers or {}).get("x-request-id"), len(prompts))
-        timeout = plain_parameters(payload.parameters).get("timeout")  # Triton's unit: microseconds
+        timeout = request_params.get("timeout")  # Triton's unit: microseconds
         timeout = None if timeout is None else seconds(timeout, 1e-6)
         results = await collect([self.stream(p, sp, rid, lora, timeout) for p, sp, rid in zip(prompts, params, ids)])
         outputs = [_bytes_output("text_output", [r.outputs[0].text for r in results]),
@@ -173,9 +173,10 @@ def _values(inp) -> list:
                            f"does not hold matching data: {e}") from None
 
 
-def v2_request(req: InferRequest) -> tuple[list[str], list[dict]]:
+def v2_request(req: InferRequest) -> tuple[list[str], list[dict], dict]:
     """The prompts of a v2 request and, per prompt, its sampling fields: request parameters, overridden by
-    input tensors of the same names (one value for all prompts, or one per prompt)."""
+    input tensors of the same names (one value for all prompts, or one per prompt); and the request parameters
+    themselves (routing and transport ones too)."""
     names = [i.name for i in req.inputs]
     if len(set(names)) != len(names):
         raise InvalidInput(f"inputs must have distinct names, got {names}")
@@ -208,7 +209,7 @@ def v2_request(req: InferRequest) -> tuple[list[str], list[dict]]:
                                f"({len(prompts)})")
         for f, v in zip(fields, per_prompt):
             f[inp.name] = v
-    return prompts, fields
+    return prompts, fields, params
 
 
 class V2DataPlane(DataPlane):
