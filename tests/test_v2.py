@@ -14,15 +14,18 @@ MAX_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
-def expected(llm):
-    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0))
-    return [o.outputs[0].text for o in outs]
+def offline(llm):
+    return llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0))
 
 
 @pytest.fixture(scope="module")
-def expected_reasons(llm):
-    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0))
-    return [o.outputs[0].finish_reason for o in outs]
+def expected(offline):
+    return [o.outputs[0].text for o in offline]
+
+
+@pytest.fixture(scope="module")
+def expected_reasons(offline):
+    return [o.outputs[0].finish_reason for o in offline]
 
 
 def _texts(arr) -> list[str]:
