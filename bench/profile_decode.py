@@ -4,6 +4,8 @@ CUDA profiler, per step, against the wall time per step (the gap is host time th
     python bench/profile_decode.py [--batch 1] [--prompt-len 128] [--steps 64] [--lora 0]
 
 --lora N: N rank-16 adapters on every linear layer (as bench/lora_throughput.py), assigned round-robin.
+Kernels launched with programmatic dependent launch start before their predecessor ends and wait inside, so
+their profiled durations overlap; KVSERVE_PDL=0 turns it off to see each kernel's own time.
 """
 import argparse
 import os

@@ -4,7 +4,9 @@ One kernel serves every batch shape, after vLLM's unified Triton attention: a pr
 block of BLOCK_Q query tokens of one sequence, whose GROUP query heads sharing that KV head are stacked into
 BLOCK_M = BLOCK_Q * GROUP rows (padded to tl.dot's 16-row minimum), so each K/V tile is read once per group.
 Decode batches with few sequences also split the context over NUM_SPLITS programs ("flash decoding") and a
-second kernel merges the partial softmaxes.
+second kernel merges the partial softmaxes. Decode batches may also hand the kernel the raw qkv
+projection (`Prep`), and it does qkv_prep's work for its heads first: at batch 1 every kernel boundary costs
+microseconds against a layer's ~10 µs of weight reads.
 
 Launch grids depend only on the number of tokens, sequences and heads (never on sequence lengths, which the
 kernel reads from `meta.seq_lens`), so a decode step can be captured in a CUDA graph and replayed.
@@ -16,8 +18,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from kvserve.kernels.env import dot_precision, interpreting
+from kvserve.kernels.env import dot_precision, interpreting, pdl
 from kvserve.kernels.metadata import AttentionMetadata
 
 # A split must have enough keys to amortise writing and merging its partial result.
@@ -40,15 +43,43 @@ def _find_seq(cu_q_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
+@triton.jit
+def _rotate_half(x_ptr, rows, row_ok, w_ptr, c, s, eps, HAS_NORM: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Heads at x_ptr + rows * HEAD_DIM, per-head RMSNorm'd (with weights) and rotated (neox): [R, HEAD_DIM] fp32,
+    the same operations in the same order as kernels/qkv_prep.py."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    d = tl.arange(0, HEAD_DIM)
+    partner = (d + HALF) % HEAD_DIM  # the other half's element that d rotates with
+    mask = row_ok[:, None]
+    xa = tl.load(x_ptr + rows[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0.0)
+    xb = tl.load(x_ptr + rows[:, None] * HEAD_DIM + partner[None, :], mask=mask, other=0.0)
+    dtype = xa.dtype
+    xa = xa.to(tl.float32)
+    xb = xb.to(tl.float32)
+    if HAS_NORM:
+        rstd = 1.0 / tl.sqrt(tl.sum(xa * xa, 1) / HEAD_DIM + eps)
+        wa = tl.load(w_ptr + d).to(tl.float32)[None, :]
+        wb = tl.load(w_ptr + partner).to(tl.float32)[None, :]
+        xa = (wa * (xa * rstd[:, None]).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        xb = (wb * (xb * rstd[:, None]).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    first = (d < HALF)[None, :]
+    return tl.where(first, xa * c - xb * s, xa * c + xb * s)
+
+
 @triton.jit(do_not_specialize=["num_seqs"])  # one compiled variant whatever the batch
 def _paged_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
         cu_q_ptr, seq_lens_ptr, block_tables_ptr, scale_log2, num_seqs, num_q_heads,
+        q_w_ptr, k_w_ptr, cos_ptr, sin_ptr, slot_ptr, stride_cos, eps,
         stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh,
         stride_vb, stride_vs, stride_vh, stride_bt,
         GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-        DECODE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        DECODE: tl.constexpr, PREP: tl.constexpr, HAS_NORM: tl.constexpr, UPCAST: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # see kernels/gemv.py: nothing to load before the previous kernel is done
+        gdc_launch_dependents()
+        gdc_wait()
     # KV heads vary fastest, so the programs reading the heads of one cache block run side by side.
     kv_head = tl.program_id(0)
     pid = tl.program_id(1)
@@ -76,8 +107,35 @@ def _paged_attention_kernel(
     q_pos = first_pos + q_tok
     q_row = (q_start + q_tok).to(tl.int64)
     d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + q_row[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                mask=row_ok[:, None], other=0.0)
+    if PREP:
+        # q_ptr holds the raw qkv rows: norm and rotate this group's q heads and this KV head's new k here
+        # (kernels/qkv_prep.py's work, one kernel fewer a layer); the new K/V join after the KV loop from
+        # registers, and split 0 stores them for later steps.
+        qkv_row = q_ptr + q_start.to(tl.int64) * stride_qt
+        tok_pos = tl.maximum(seq_len - 1, 0)  # a decode row sits at the end of its context (padding: empty)
+        dc = tl.arange(0, HEAD_DIM) % (HEAD_DIM // 2)
+        cos = tl.load(cos_ptr + tok_pos * stride_cos + dc).to(tl.float32)[None, :]
+        sin = tl.load(sin_ptr + tok_pos * stride_cos + dc).to(tl.float32)[None, :]
+        q = _rotate_half(qkv_row, head, row_ok, q_w_ptr, cos, sin, eps, HAS_NORM, HEAD_DIM)
+        q = q.to(k_cache_ptr.dtype.element_ty)
+        one = tl.arange(0, 1)
+        k_new = _rotate_half(qkv_row + num_q_heads * HEAD_DIM, kv_head + one, one == 0, k_w_ptr, cos, sin, eps,
+                             HAS_NORM, HEAD_DIM)
+        k_new = tl.sum(k_new, 0).to(k_cache_ptr.dtype.element_ty)  # [HEAD_DIM]: one row
+        v_new = tl.load(qkv_row + (num_q_heads + num_q_heads // GROUP + kv_head) * HEAD_DIM + d)
+        v_new = v_new.to(v_cache_ptr.dtype.element_ty)
+        slot = tl.load(slot_ptr + q_start)
+        if (split == 0) & (slot >= 0):
+            dst = (slot // BLOCK_SIZE) * stride_kb + (slot % BLOCK_SIZE) * stride_ks + kv_head * stride_kh + d
+            tl.store(k_cache_ptr + dst, k_new)
+            tl.store(v_cache_ptr + (slot // BLOCK_SIZE) * stride_vb + (slot % BLOCK_SIZE) * stride_vs
+                     + kv_head * stride_vh + d, v_new)
+        if UPCAST:
+            k_new = k_new.to(tl.float32)
+            v_new = v_new.to(tl.float32)
+    else:
+        q = tl.load(q_ptr + q_row[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                    mask=row_ok[:, None], other=0.0)
     if UPCAST:  # the interpreter has no bf16 arithmetic
         q = q.to(tl.float32)
 
@@ -97,9 +155,12 @@ def _paged_attention_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     offs_n = tl.arange(0, BLOCK_N)
+    # With PREP the new token (the last position) joins after the loop, from registers: the loop stays the
+    # plain one (patching it into the tiles cost 45 % at 8 x 32k).
+    kv_stop = kv_end - 1 if PREP else kv_end
     for tile in range(tile_lo, tile_hi):
         pos = tile * BLOCK_N + offs_n
-        pos_ok = pos < kv_end
+        pos_ok = pos < kv_stop
         # Per-position block lookup, so a tile may span blocks (block_size < BLOCK_N) or part of one.
         block = tl.load(table + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
         in_block = pos % BLOCK_SIZE
@@ -111,8 +172,10 @@ def _paged_attention_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
-        # Causal: pos <= q_pos also keeps pos < kv_end for every real row.
-        s = tl.where(pos[None, :] <= q_pos[:, None], s, float("-inf"))
+        if PREP:  # decode: every key before the new one is visible
+            s = tl.where(pos_ok[None, :], s, float("-inf"))
+        else:  # causal: pos <= q_pos also keeps pos < kv_end for every real row
+            s = tl.where(pos[None, :] <= q_pos[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
         p = tl.exp2(s - m_use[:, None])
@@ -120,6 +183,16 @@ def _paged_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
+
+    if PREP:
+        if (split == 0) & (seq_len > 0):  # any one split may add it: the merge does not care which
+            s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale_log2
+            m_new = tl.maximum(m_i, s_new)
+            p_new = tl.exp2(s_new - m_new)
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + p_new
+            acc = acc * alpha[:, None] + p_new.to(v_new.dtype).to(tl.float32)[:, None] * v_new.to(tl.float32)[None, :]
+            m_i = m_new
 
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l == 0 only for empty (padding) sequences
@@ -134,7 +207,12 @@ def _paged_attention_kernel(
 
 @triton.jit
 def _merge_splits_kernel(out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, stride_ot, stride_oh, num_q_heads,
-                         NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+                         NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr):
+    # A second kernel rather than the last split merging in place (a ticket per group): that version ran 17 %
+    # slower at 8 x 32k and no faster at batch 1 (bench/kernels.py, docs/PERF.md).
+    if PDL:  # see kernels/gemv.py: nothing to load before the previous kernel is done
+        gdc_launch_dependents()
+        gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     part = (t * num_q_heads + h) * NUM_SPLITS + tl.arange(0, NUM_SPLITS)
@@ -181,31 +259,52 @@ class Tiles:
     num_stages: int
 
 
-def tiles_for(head_dim: int, decode: bool) -> Tiles:
+def tiles_for(head_dim: int, decode: bool, dtype: torch.dtype = torch.bfloat16) -> Tiles:
     """Decode rows are memory-bound: 16 padded rows (Hopper's mma.sync path) with 128-key K/V steps, 8 warps
     and 4 stages: the best of bench/kernels.py --sweep on the H100 at all three shapes (docs/PERF.md), 1-2 %
-    ahead of 32-key steps with 4 warps. Prefill rows are compute-bound: 64 rows (wgmma) reuse each K/V step."""
+    ahead of 32-key steps with 4 warps. Prefill rows are compute-bound: 64 rows (wgmma) reuse each K/V step.
+    fp32 caches take half the keys a step (the stages must fit in shared memory)."""
+    wide = torch.empty((), dtype=dtype).element_size() > 2
     if decode:
-        return Tiles(16, 128, 8, 4)
-    return Tiles(64, 64 if head_dim <= 128 else 32, 4, 3)
+        return Tiles(16, 32, 4, 3) if wide else Tiles(16, 128, 8, 4)
+    return Tiles(64, 64 if head_dim <= 128 and not wide else 32, 4, 3)
+
+
+@dataclass(frozen=True)
+class Prep:
+    """What qkv_prep needs, for the decode kernel that does its work itself."""
+    num_q_heads: int
+    q_weight: torch.Tensor | None
+    k_weight: torch.Tensor | None
+    eps: float
+    cos: torch.Tensor
+    sin: torch.Tensor
+    slot_mapping: torch.Tensor
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                     scale: float, out: torch.Tensor | None = None, workspace: torch.Tensor | None = None,
-                    num_splits: int | None = None, tiles: Tiles | None = None) -> torch.Tensor:
+                    num_splits: int | None = None, tiles: Tiles | None = None,
+                    prep: Prep | None = None) -> torch.Tensor:
     """q: [T, Hq, D] -> [T, Hq, D]; same contract as paged_attention_ref.
 
     out: optional preallocated result. workspace: optional fp32 scratch of at least workspace_numel(...)
     elements for the split path. num_splits, tiles: overrides of num_splits_for and tiles_for (for tuning).
+    prep (decode batches only): q is then the raw qkv projection [T, (Hq + 2 Hkv) * D] and the kernel does
+    qkv_prep's work (q/k norm, rotary, K/V store) itself.
     """
-    num_tokens, num_q_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, _ = k_cache.shape
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    num_tokens = q.shape[0]
+    num_q_heads = prep.num_q_heads if prep else q.shape[1]
     assert q.dtype == k_cache.dtype == v_cache.dtype, "q and the KV cache must share a dtype"
     assert head_dim == triton.next_power_of_2(head_dim) and head_dim >= 16, "head_dim must be a power of two"
     assert block_size == triton.next_power_of_2(block_size), "block_size must be a power of two"
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    if prep:
+        assert meta.decode_only and q.shape[1] == (num_q_heads + 2 * num_kv_heads) * head_dim
+        assert prep.cos.stride() == prep.sin.stride() and prep.cos.shape[1] * 2 == head_dim
     if out is None:
-        out = torch.empty_like(q)
+        out = torch.empty(num_tokens, num_q_heads, head_dim, dtype=q.dtype, device=q.device)
     if num_tokens == 0:
         return out
     num_seqs = meta.seq_lens.shape[0]
@@ -216,7 +315,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         num_splits = num_splits_for(meta, num_kv_heads, block_size, q.device)
     assert num_splits == triton.next_power_of_2(num_splits)
 
-    tiles = tiles or tiles_for(head_dim, decode)
+    tiles = tiles or tiles_for(head_dim, decode, q.dtype)
     block_m = max(tiles.block_m, triton.next_power_of_2(group))
     block_q = block_m // group
     # Upper bound on the q blocks of all sequences without reading their lengths.
@@ -232,19 +331,22 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         part_acc, part_m, part_l = workspace[:n].split([rows * head_dim, rows, rows])
     else:
         part_acc = part_m = part_l = out  # never touched
-
+    p = prep or Prep(num_q_heads, None, None, 0.0, out, out, meta.slot_mapping)  # unused when no prep
+    use_pdl = pdl(q.device)
     _paged_attention_kernel[(num_kv_heads, num_q_blocks, num_splits)](
         q, k_cache, v_cache, out, part_acc, part_m, part_l,
         meta.cu_seqlens_q, meta.seq_lens, meta.block_tables, scale * math.log2(math.e), num_seqs, num_q_heads,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        p.q_weight if p.q_weight is not None else q, p.k_weight if p.k_weight is not None else q,
+        p.cos, p.sin, p.slot_mapping, p.cos.stride(0), p.eps,
+        q.stride(0), q.stride(1) if not prep else head_dim, out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), meta.block_tables.stride(0),
         GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=tiles.block_n, HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, DECODE=decode, UPCAST=interpreting(),
-        DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, DECODE=decode, PREP=prep is not None,
+        HAS_NORM=p.q_weight is not None, UPCAST=interpreting(), DOT_PRECISION=dot_precision(q.dtype), PDL=use_pdl,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages, launch_pdl=use_pdl)
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_q_heads)](
             out, part_acc, part_m, part_l, out.stride(0), out.stride(1), num_q_heads,
-            NUM_SPLITS=num_splits, HEAD_DIM=head_dim, num_warps=4)
+            NUM_SPLITS=num_splits, HEAD_DIM=head_dim, PDL=use_pdl, num_warps=4, launch_pdl=use_pdl)
     return out

@@ -2,11 +2,17 @@
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from kvserve.kernels.env import pdl
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, n, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # see kernels/gemv.py: nothing to load before the previous kernel is done
+        gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
@@ -38,7 +44,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     res_out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else out
     if rows:
         block = triton.next_power_of_2(n)
+        use_pdl = pdl(x.device)
         _rms_norm_kernel[(rows,)](
             x2, res2, weight, out, res_out, x2.stride(0), res2.stride(0), n, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(max(block // 256, 1), 16))
+            HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=use_pdl, num_warps=min(max(block // 256, 1), 16),
+            launch_pdl=use_pdl)
     return out if residual is None else (out, res_out)

@@ -64,12 +64,41 @@ def qkv_prep(qkv: torch.Tensor, num_q_heads: int, num_kv_heads: int, q_weight: t
     return ref.qkv_prep_ref(*args)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear; a single row (batch-1 decode) runs the Triton GEMV."""
+def qkv_attention(qkv: torch.Tensor, num_q_heads: int, num_kv_heads: int, q_weight: torch.Tensor | None,
+                  k_weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                  positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                  scale: float) -> torch.Tensor:
+    """qkv_prep then paged_attention: [T, (Hq + 2 Hkv) * D] -> [T, Hq, D]. On Triton, decode batches of few
+    sequences (the split-KV path) run both in one kernel: there the prep's latency replaces a kernel boundary.
+    With many programs (waves of them, each holding most of an SM's shared memory) it would stack up wave after
+    wave ahead of each KV loop, and the separate kernel costs less (W1: 17.7k vs 23.8k tok/s, docs/PERF.md)."""
+    head_dim = k_cache.shape[-1]
+    if _triton(qkv) and meta.decode_only and head_dim >= 16 and head_dim & (head_dim - 1) == 0:
+        from kvserve.kernels import attention
+        if attention.num_splits_for(meta, num_kv_heads, k_cache.shape[1], qkv.device) > 1:
+            # decode rows sit at the end of their contexts: the kernel takes their positions from seq_lens
+            prep = attention.Prep(num_q_heads, q_weight, k_weight, eps, cos, sin, meta.slot_mapping)
+            return attention.paged_attention(qkv, k_cache, v_cache, meta, scale, prep=prep)
+    q = qkv_prep(qkv, num_q_heads, num_kv_heads, q_weight, k_weight, eps, cos, sin, positions, k_cache, v_cache,
+                 meta.slot_mapping)
+    return paged_attention(q, k_cache, v_cache, meta, scale)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           norm: tuple[torch.Tensor, float] | None = None, silu: bool = False,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(prologue(x), weight, bias) [+ residual], the prologue being rms_norm(x, *norm) or
+    silu_and_mul(x) when asked. A single row (batch-1 decode) runs the Triton GEMV, which fuses all of it;
+    otherwise the steps run one by one."""
     if x.shape[0] == 1 and _triton(x):
         from kvserve.kernels.gemv import gemv
-        return gemv(x, weight, bias)
-    return F.linear(x, weight, bias)
+        return gemv(x, weight, bias, norm, silu, residual)
+    if norm is not None:
+        x = rms_norm(x, *norm)
+    if silu:
+        x = silu_and_mul(x)
+    y = F.linear(x, weight, bias)
+    return y if residual is None else (y.float() + residual.float()).to(y.dtype)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,9 @@ One program handles one token: all of its heads at once, reading the fused qkv r
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from kvserve.kernels.env import pdl
 
 
 @triton.jit
@@ -37,7 +40,10 @@ def _qkv_prep_kernel(qkv_ptr, q_out_ptr, q_w_ptr, k_w_ptr, cos_ptr, sin_ptr, pos
                      k_cache_ptr, v_cache_ptr, stride_t, stride_cos, stride_cb, stride_cs, stride_ch,
                      num_q_heads, num_kv_heads, eps,
                      HAS_NORM: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, HALF: tl.constexpr,
-                     BLOCK_HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                     BLOCK_HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # see kernels/gemv.py: nothing to load before the previous kernel is done
+        gdc_launch_dependents()
+        gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     head_dim = 2 * HALF
     row = qkv_ptr + t * stride_t
@@ -80,11 +86,12 @@ def qkv_prep(qkv: torch.Tensor, num_q_heads: int, num_kv_heads: int, q_weight: t
     if num_tokens:
         half = head_dim // 2
         has_norm = q_weight is not None
+        use_pdl = pdl(qkv.device)
         _qkv_prep_kernel[(num_tokens,)](
             qkv, q, q_weight if has_norm else qkv, k_weight if has_norm else qkv, cos, sin, positions, slot_mapping,
             k_cache, v_cache, qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             num_q_heads, num_kv_heads, eps,
             HAS_NORM=has_norm, BLOCK_HQ=triton.next_power_of_2(num_q_heads),
             BLOCK_HK=triton.next_power_of_2(num_kv_heads), HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
-            BLOCK_SIZE=k_cache.shape[1], num_warps=4)
+            BLOCK_SIZE=k_cache.shape[1], PDL=use_pdl, num_warps=4, launch_pdl=use_pdl)
     return q

@@ -147,14 +147,15 @@ def test_num_splits_depends_only_on_static_shapes(monkeypatch):
     assert attention.num_splits_for(meta, 1, 16, torch.device("cpu")) == 1
 
 
-def qkv_prep_case(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype, norm, seed=0, num_blocks=6):
+def qkv_prep_case(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype, norm, seed=0, num_blocks=6,
+                  max_positions=4096):
     """A fused qkv output, q/k norm weights, rotary tables, positions, distinct slots (two of them padding)
     and caches full of noise, on DEVICE."""
     g = torch.Generator().manual_seed(seed)
     qkv = torch.randn(num_tokens, (num_q_heads + 2 * num_kv_heads) * head_dim, generator=g).to(dtype)
     weights = [(1 + 0.3 * torch.randn(head_dim, generator=g)).to(dtype) for _ in range(2)] if norm else [None] * 2
-    angles = torch.outer(torch.arange(4096).float(), torch.rand(head_dim // 2, generator=g) + 0.01)
-    positions = torch.randint(0, 4096, (num_tokens,), generator=g)
+    angles = torch.outer(torch.arange(max_positions).float(), torch.rand(head_dim // 2, generator=g) + 0.01)
+    positions = torch.randint(0, max_positions, (num_tokens,), generator=g)
     slots = torch.randperm(num_blocks * 16, generator=g)[:num_tokens]
     slots[[1, num_tokens - 2]] = -1
     caches = torch.randn(2, num_blocks, 16, num_kv_heads, head_dim, generator=g).to(dtype)
@@ -187,6 +188,55 @@ def test_qkv_prep_odd_shapes():
     check_qkv_prep(qkv_prep.qkv_prep, qkv_prep_case(5, 15, 5, 48, torch.float32, True, seed=3), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("heads,head_dim,num_splits", [((4, 2), 64, 1), ((4, 2), 128, 4), ((8, 2), 64, 2)])
+def test_decode_attention_with_prep(heads, head_dim, num_splits, norm, dtype):
+    # A padding row (empty context, slot -1) writes nothing and comes out 0.
+    check_decode_prep([(200, 1), (1, 1), (0, 1), (77, 1), (130, 1)], heads, head_dim, num_splits, norm, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("batch", [1, 8])
+def test_decode_attention_with_prep_real_sizes(batch):
+    specs = [(32768 - 999 * i, 1) for i in range(batch - 1)] + [(700, 1)] + [(0, 1)]
+    check_decode_prep(specs, (16, 8), 128, None, True, torch.bfloat16)
+
+
+def check_decode_prep(specs, heads, head_dim, num_splits, norm, dtype):
+    """The decode kernel given the raw qkv rows does qkv_prep's work: the same output and cache writes as
+    qkv_prep then attention."""
+    _, k_cache, v_cache, meta = make_batch(specs, *heads, head_dim, 16, dtype, seed=8)
+    args = qkv_prep_case(len(specs), *heads, head_dim, dtype, norm, seed=8, num_blocks=1,
+                         max_positions=max(ctx for ctx, _ in specs) + 1)
+    qkv, qw, kw, cos, sin = args[0], args[3], args[4], args[6], args[7]
+    positions = (meta.seq_lens - 1).clamp(min=0).long()
+    table = meta.block_tables.long()
+    last = positions.clamp(min=0)
+    meta.slot_mapping = table[torch.arange(len(specs), device=DEVICE), last // 16] * 16 + last % 16
+    meta.slot_mapping[meta.seq_lens == 0] = -1
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    q = ref.qkv_prep_ref(qkv, *heads, qw, kw, 1e-6, cos, sin, positions, want_k, want_v, meta.slot_mapping)
+    want = attention_ref(q, want_k, want_v, meta, head_dim ** -0.5)
+    # The new token's K/V come from registers, not from the cache they are stored in: no store, same result.
+    before = k_cache.clone(), v_cache.clone()
+    no_store = attention.Prep(heads[0], qw, kw, 1e-6, cos, sin, torch.full_like(meta.slot_mapping, -1))
+    out = attention.paged_attention(qkv, k_cache, v_cache, meta, head_dim ** -0.5, num_splits=num_splits,
+                                    prep=no_store)
+    assert_close(out, want, dtype)
+    assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip((k_cache, v_cache), before))
+    prep = attention.Prep(heads[0], qw, kw, 1e-6, cos, sin, meta.slot_mapping)
+    out = attention.paged_attention(qkv, k_cache, v_cache, meta, head_dim ** -0.5, num_splits=num_splits,
+                                    prep=prep)
+    empty = meta.seq_lens == 0
+    assert out.shape == want.shape and torch.equal(out[empty], torch.zeros_like(out[empty]))
+    assert_close(out, want, dtype)
+    for got, expected in ((k_cache, want_k), (v_cache, want_v)):  # NaN marks slots no sequence owns
+        assert torch.equal(got.isnan(), expected.isnan())
+        assert_close(got.nan_to_num(), expected.nan_to_num(), dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hidden", [64, 100])
 @pytest.mark.parametrize("with_residual", [False, True])
@@ -215,15 +265,36 @@ def test_silu_and_mul(inter, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("n,k", [(64, 32), (37, 1100)])  # ragged: rows and features past a tile's end
-def test_gemv(n, k, bias, dtype):
+@pytest.mark.parametrize("fused", ["none", "norm", "silu", "norm+residual", "silu+residual"])
+def test_gemv(n, k, bias, dtype, fused):
     g = torch.Generator().manual_seed(n + k)
-    x = torch.randn(1, k, generator=g).to(DEVICE, dtype)
+    x = torch.randn(1, 2 * k if "silu" in fused else k, generator=g).to(DEVICE, dtype)
     w = torch.randn(n, k, generator=g).to(DEVICE, dtype)
     b = torch.randn(n, generator=g).to(DEVICE, dtype) if bias else None
-    y = gemv.gemv(x, w, b)
+    norm = (torch.randn(k, generator=g).to(DEVICE, dtype), 1e-6) if "norm" in fused else None
+    res = torch.randn(1, n, generator=g).to(DEVICE, dtype) if "residual" in fused else None
+    y = gemv.gemv(x, w, b, norm, "silu" in fused, res)
     assert y.shape == (1, n) and y.dtype == dtype
-    expected = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    # The unfused steps, each rounded to the activation dtype as the layer rounds them.
+    inp = ref.rms_norm_ref(x, *norm) if norm else ref.silu_and_mul_ref(x) if "silu" in fused else x
+    expected = torch.nn.functional.linear(inp.float(), w.float(), None if b is None else b.float())
+    if res is not None:
+        expected = expected.to(dtype).float() + res.float()
     assert_close(y, expected, dtype)
+
+
+def test_gemv_feature_tiles(monkeypatch):
+    # Wider inputs than one tile: the loop over feature tiles, each prefetched during the previous one's sum.
+    monkeypatch.setattr(gemv, "MAX_BLOCK_K", 256)
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(1, 2200, generator=g), torch.randn(37, 1100, generator=g)
+    nw = torch.randn(1100, generator=g)
+    for args in [dict(), dict(norm=(nw, 1e-6)), dict(silu=True)]:
+        xi = x if args.get("silu") else x[:, :1100]
+        inp = ref.rms_norm_ref(xi, nw, 1e-6) if "norm" in args else ref.silu_and_mul_ref(xi) if args else xi
+        assert_close(gemv.gemv(xi.to(DEVICE), w.to(DEVICE), **{a: (v[0].to(DEVICE), v[1]) if a == "norm" else v
+                                                               for a, v in args.items()}),
+                     (inp @ w.T).to(DEVICE), torch.float32)
 
 
 @pytest.fixture

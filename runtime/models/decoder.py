@@ -26,12 +26,13 @@ class DecoderAttention(nn.Module):
             self.k_norm = RMSNorm(d, cfg["rms_norm_eps"])
         self.attn = Attention(heads, kv_heads, d)
 
-    def forward(self, rotary: Rotary, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        attn, meta = self.attn, get_context()
+    def attend(self, rotary: Rotary, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv projection output -> attention output [T, heads * head_dim] (new K/V stored on the way)."""
         norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else (None, None, 0.0)
-        q = ops.qkv_prep(self.qkv_proj(x), attn.num_heads, attn.num_kv_heads, *norms, rotary.cos, rotary.sin,
-                         positions, attn.k_cache, attn.v_cache, meta.slot_mapping)
-        return self.o_proj(attn(q, meta).view(x.shape[0], -1))
+        return self.attn(qkv, *norms, rotary, positions, get_context()).view(qkv.shape[0], -1)
+
+    def forward(self, rotary: Rotary, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(self.attend(rotary, positions, self.qkv_proj(x)))
 
 
 class MLP(nn.Module):
@@ -63,6 +64,17 @@ class DecoderLayer(nn.Module):
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
+    def forward_row(self, rotary, positions, h):
+        """One token, no LoRA: the same layer with the norms, SiLU and residual adds folded into the
+        projections (kernels/gemv.py), carrying only the residual stream h."""
+        attn, mlp = self.self_attn, self.mlp
+        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+        a = attn.attend(rotary, positions, ops.linear(h, attn.qkv_proj.weight, attn.qkv_proj.bias,
+                                                      norm=(ln1.weight, ln1.eps)))
+        h = ops.linear(a, attn.o_proj.weight, attn.o_proj.bias, residual=h)
+        gate_up = ops.linear(h, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, norm=(ln2.weight, ln2.eps))
+        return ops.linear(gate_up, mlp.down_proj.weight, mlp.down_proj.bias, silu=True, residual=h)
+
 
 class Model(nn.Module):
     def __init__(self, cfg: dict):
@@ -89,6 +101,10 @@ class DecoderForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Hidden states after the final norm, one row per scheduled token."""
         x = self.model.embed_tokens(input_ids)
+        if x.shape[0] == 1 and self.model.layers[0].self_attn.qkv_proj.lora_a is None:
+            for layer in self.model.layers:
+                x = layer.forward_row(self.rotary, positions, x)
+            return self.model.norm(x)
         residual = None
         for layer in self.model.layers:
             x, residual = layer(self.rotary, positions, x, residual)

@@ -87,8 +87,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> tuple[to
 
 
 class Rotary(nn.Module):
-    """cos/sin tables for every position up to max_positions, in fp32; the attention layers' qkv_prep picks
-    each token's rows."""
+    """cos/sin tables for every position up to max_positions, in fp32; the attention layers pick each token's
+    rows."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None):
         super().__init__()
@@ -99,8 +99,8 @@ class Rotary(nn.Module):
 
 
 class Attention(nn.Module):
-    """Attention over the paged KV cache (the step's new K/V are already stored by qkv_prep). The runner points
-    k_cache / v_cache at this layer's slices of the engine's one KV tensor."""
+    """q/k norm, rotary, the KV cache write and attention over the paged KV cache, from the qkv projection's
+    output. The runner points k_cache / v_cache at this layer's slices of the engine's one KV tensor."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
         super().__init__()
@@ -108,5 +108,7 @@ class Attention(nn.Module):
         self.scale = head_dim ** -0.5
         self.k_cache = self.v_cache = torch.tensor([])
 
-    def forward(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        return ops.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
+    def forward(self, qkv: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
+                rotary: "Rotary", positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        return ops.qkv_attention(qkv, self.num_heads, self.num_kv_heads, q_weight, k_weight, eps, rotary.cos,
+                                 rotary.sin, positions, self.k_cache, self.v_cache, meta, self.scale)
