@@ -1,7 +1,7 @@
 """y = [residual +] prologue(x) W^T (+ b) for a single row x: batch-1 decode's projections, with the layer's
 small steps folded in -- RMSNorm of x before the qkv and gate/up projections, SiLU-and-mul before the down
 projection, the residual add after the o and down projections -- so a layer is 4 projection kernels plus
-attention instead of 4 + 4.
+attention (which also does qkv_prep's work) and its split merge: 6 kernels instead of 10.
 
 At batch 1 a layer's weights (31 MB for Qwen3-0.6B) take ~10 µs to read, about what a few kernel launches
 cost, so the time between kernels matters as much as the kernels. Each program therefore loads its first
