@@ -50,11 +50,17 @@ class _Stopped(Exception):
     pass
 
 
-def fetch_s3(uri: str, model_name: str | None, cache: Path, allow_pickle: bool) -> Path:
+def _parse(uri: str) -> tuple[str, str, str]:
+    """bucket, prefix (no slashes around it) and the s3://bucket/prefix/ that messages name."""
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
     prefix = prefix.strip("/")
     if not bucket:
         raise ModelSourceError(f"no bucket in {uri!r}: expected s3://bucket/prefix")
+    return bucket, prefix, f"s3://{bucket}/{prefix}/" if prefix else f"s3://{bucket}/"
+
+
+def fetch_s3(uri: str, model_name: str | None, cache: Path, allow_pickle: bool) -> Path:
+    bucket, prefix, where = _parse(uri)
     client = _client()
     endpoint = client.meta.endpoint_url
     with _explained(uri, bucket, endpoint):
@@ -68,7 +74,6 @@ def fetch_s3(uri: str, model_name: str | None, cache: Path, allow_pickle: bool) 
                     log.warning("cannot reach %s (%s); using the cached copy %s", endpoint, e, entry)
                     return entry
             raise
-        where = f"s3://{bucket}/{prefix}/" if prefix else f"s3://{bucket}/"
         if not objects:
             raise ModelSourceError(f"nothing found under {where} at {endpoint} (empty or missing prefix)")
         if not any(o.rel == "config.json" for o in objects):
@@ -87,12 +92,8 @@ def fetch_s3(uri: str, model_name: str | None, cache: Path, allow_pickle: bool) 
 
 def fetch_s3_files(uri: str, cache: Path, patterns: list[str]) -> Path:
     """The files matching `patterns` under s3://bucket/prefix (a LoRA adapter's), verified and cached like a model."""
-    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    prefix = prefix.strip("/")
-    if not bucket:
-        raise ModelSourceError(f"no bucket in {uri!r}: expected s3://bucket/prefix")
+    bucket, prefix, where = _parse(uri)
     client = _client()
-    where = f"s3://{bucket}/{prefix}/" if prefix else f"s3://{bucket}/"
     with _explained(uri, bucket, client.meta.endpoint_url):
         objects = [o for o in _list(client, bucket, prefix) if any(fnmatch(o.rel, p) for p in patterns)]
         if not objects:

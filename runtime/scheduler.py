@@ -51,7 +51,7 @@ class Scheduler:
                 budget -= n
                 i += 1
         # Admit new work only when nothing had to be preempted: blocks are short.
-        loras = {s.request.lora for s in self.running} - {None}
+        loras = {s.request.lora for s in self.running} - {None} if self.max_loras else set()  # LoRA off: none
         skipped: list[Sequence] = []  # their adapter would need a device slot that running adapters hold
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
