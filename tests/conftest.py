@@ -26,6 +26,16 @@ def tiny_model(tmp_path_factory):
     return get
 
 
+@pytest.fixture
+def backend():
+    """ops.set_backend, for a test to pick the kernels' backend; the one before is set again after the test."""
+    from kvserve.kernels import ops
+
+    old = ops.get_backend()
+    yield ops.set_backend
+    ops.set_backend(old)
+
+
 @pytest.fixture(scope="module")
 def server():
     """A real `kvserve serve` on the embedded model, on free loopback ports, for one test module."""

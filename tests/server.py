@@ -71,6 +71,21 @@ class Server:
         r.raise_for_status()
         return r.json()
 
+    def assert_idle(self, timeout: float = 30.0) -> dict:
+        """Waits up to `timeout` s (0: looks once) for the engine to hold no running or waiting request and
+        every KV block to be free, asserts it, and returns the stats it last read."""
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = self.stats()
+            idle = (stats["num_running"] == 0 and stats["num_waiting"] == 0
+                    and stats["num_free_blocks"] == stats["num_total_blocks"])
+            if idle or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        assert stats["num_running"] == 0 and stats["num_waiting"] == 0, stats
+        assert stats["num_free_blocks"] == stats["num_total_blocks"], stats
+        return stats
+
     def log_tail(self, n: int = 4000) -> str:
         return Path(self.log_path).read_text(errors="replace")[-n:]
 
@@ -87,6 +102,16 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         Path(self.log_path).unlink(missing_ok=True)
+
+
+def grpc_text(prompt: str = "The lighthouse keeper"):
+    """A one-element BYTES `text_input` for tritonclient.grpc's infer."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    inp = grpcclient.InferInput("text_input", [1], "BYTES")
+    inp.set_data_from_numpy(np.array([prompt], dtype=np.object_))
+    return inp
 
 
 def start_server(args: list[str] | None = None, http_port: int | None = None, grpc_port: int | None = None,

@@ -112,8 +112,7 @@ def test_32_concurrent_streams_over_mixed_protocols(server, llm):
     elapsed = time.monotonic() - start
     assert got[:32] == refs
     assert got[32:] == grpc_refs
-    stats = server.stats()
-    assert stats["num_running"] == 0 and stats["num_free_blocks"] == stats["num_total_blocks"], stats
+    server.assert_idle(timeout=0)
     print(f"32 streams + 4 gRPC infers in {elapsed:.2f}s")
 
 
@@ -156,14 +155,7 @@ def test_killed_streams_free_their_blocks(server):
             return out
 
     assert asyncio.run(run()) == [None] * 8 + ["StatusCode.DEADLINE_EXCEEDED"] * 2 + ["gave up"] * 2
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        stats = server.stats()
-        if stats["num_running"] == 0 and stats["num_waiting"] == 0:
-            break
-        time.sleep(0.05)
-    assert stats["num_running"] == 0 and stats["num_waiting"] == 0, stats
-    assert stats["num_free_blocks"] == stats["num_total_blocks"], stats
+    stats = server.assert_idle()
     generated = stats["generation_tokens"] - before["generation_tokens"]
     # all 12 requests ran to the end only if nobody aborted them: 12 * LONG tokens
     assert generated < 12 * LONG // 2, f"{generated} tokens generated after the clients left: not aborted"

@@ -1,19 +1,12 @@
 """Greedy outputs and logprobs against HF transformers on the same random weights."""
-import random
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from kvserve import LLM, SamplingParams
-from tiny_models import explain_divergence
+from tiny_models import explain_divergence, random_prompts
 
 KINDS = ["llama", "qwen2", "qwen3", "mistral"]
-
-
-def _prompts(n=16, seed=1, vocab=384):
-    rng = random.Random(seed)
-    return [[rng.randrange(1, vocab) for _ in range(rng.randint(3, 48))] for _ in range(n)]
 
 
 def _hf(folder):
@@ -25,7 +18,7 @@ def _hf(folder):
 @pytest.mark.parametrize("kind", KINDS)
 def test_greedy_matches_hf_with_preemption_and_chunked_prefill(tiny_model, kind):
     folder = tiny_model(kind)
-    prompts = _prompts()
+    prompts = random_prompts(16, seed=1, hi=48)
     budget = 20
     assert max(map(len, prompts)) > budget  # chunked prefill is exercised
     llm = LLM(folder, num_gpu_blocks_override=24, block_size=4, max_num_batched_tokens=budget,
@@ -44,7 +37,7 @@ def test_greedy_matches_hf_with_preemption_and_chunked_prefill(tiny_model, kind)
 
 def test_logprobs_match_hf_log_softmax(tiny_model):
     folder = tiny_model("qwen3")
-    prompts = _prompts(4, seed=2)
+    prompts = random_prompts(4, seed=2, hi=48)
     llm = LLM(folder, block_size=4, max_num_batched_tokens=32)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3))
     hf = _hf(folder)

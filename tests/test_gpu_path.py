@@ -5,14 +5,10 @@ import pytest
 import torch
 
 from kvserve import LLM, SamplingParams
+from tiny_models import random_prompts
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-
-
-def _prompts(n=16, seed=5, vocab=384):
-    rng = random.Random(seed)
-    return [[rng.randrange(1, vocab) for _ in range(rng.randint(3, 120))] for _ in range(n)]
 
 
 def _fp32_gap(folder, ids) -> float:
@@ -28,7 +24,7 @@ def _fp32_gap(folder, ids) -> float:
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_gpu_greedy_matches_cpu_reference(tiny_model, kind, dtype):
     folder = tiny_model(kind)
-    prompts = _prompts()
+    prompts = random_prompts(16, seed=5, hi=120)
     common = dict(block_size=16, max_num_batched_tokens=64, max_model_len=512, enable_prefix_caching=True)
     cpu = LLM(folder, device="cpu", dtype="float32", **common).generate(prompts, GREEDY)
     gpu_llm = LLM(folder, device="cuda", dtype=dtype, num_gpu_blocks_override=64, **common)
@@ -77,7 +73,7 @@ def test_gpu_lora_batch_matches_cpu(tiny_model, tmp_path):
     from tiny_models import write_adapter
     base = tiny_model("qwen3")
     adapters = {f"a{i}": write_adapter(base, tmp_path / f"a{i}", seed=i) for i in range(3)}
-    prompts = _prompts(n=8, seed=3)
+    prompts = random_prompts(8, seed=3, hi=120)
     loras = [None, "a0", "a1", "a2", "a0", None, "a2", "a1"]
     common = dict(block_size=16, max_model_len=512, max_loras=3, lora_modules=adapters,
                   lora_allowed_roots=[str(tmp_path)])

@@ -16,7 +16,7 @@ import tritonclient.grpc.aio as grpcaio
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from server import MODEL_DIR, engine_flags, start_server
+from server import MODEL_DIR, engine_flags, grpc_text, start_server
 
 KEY = "kv-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}  # tritonclient adds to the dicts it is given: pass copies
@@ -35,12 +35,6 @@ def server():
 def _v2_body(prompt="The lighthouse keeper", **parameters):
     return {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": [prompt]}],
             "parameters": {"max_tokens": 2, **parameters}}
-
-
-def _grpc_text(prompt="The lighthouse keeper"):
-    inp = grpcclient.InferInput("text_input", [1], "BYTES")
-    inp.set_data_from_numpy(np.array([prompt], dtype=np.object_))
-    return inp
 
 
 def _post(server, path, body, headers=AUTH, **kw):
@@ -98,12 +92,12 @@ def test_grpc_needs_the_key(server):
     client = grpcclient.InferenceServerClient(server.grpc_addr)
     for headers in (None, {"authorization": "Bearer wrong-key"}):
         with pytest.raises(InferenceServerException) as err:
-            client.infer(server.model, [_grpc_text()], headers=headers, parameters={"max_tokens": 2})
+            client.infer(server.model, [grpc_text()], headers=headers, parameters={"max_tokens": 2})
         assert err.value.status() == "StatusCode.UNAUTHENTICATED", err.value
         with pytest.raises(InferenceServerException) as err:
             client.get_model_metadata(server.model, headers=headers)
         assert err.value.status() == "StatusCode.UNAUTHENTICATED", err.value
-    res = client.infer(server.model, [_grpc_text()], headers=GRPC_AUTH, parameters={"max_tokens": 2})
+    res = client.infer(server.model, [grpc_text()], headers=GRPC_AUTH, parameters={"max_tokens": 2})
     assert res.as_numpy("text_output")[0]
     # health stays open, as over HTTP
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(server.model)
@@ -169,20 +163,20 @@ def test_limits(server, path, body, words):
 
 def test_grpc_limits_and_invalid_utf8(server):
     client = grpcclient.InferenceServerClient(server.grpc_addr)
-    cases = [([_grpc_text()], {"max_tokens": 600}, ["max_tokens", "max_model_len"])]
+    cases = [([grpc_text()], {"max_tokens": 600}, ["max_tokens", "max_model_len"])]
     bad = grpcclient.InferInput("text_input", [1], "BYTES")
     bad.set_data_from_numpy(np.array([b"ok \xff\xfe"], dtype=np.object_))
     cases.append(([bad], {"max_tokens": 2}, ["text_input", "UTF-8"]))
     stop = grpcclient.InferInput("stop", [1], "BYTES")
     stop.set_data_from_numpy(np.array([b"\xc3("], dtype=np.object_))
-    cases.append(([_grpc_text(), stop], {"max_tokens": 2}, ["stop", "UTF-8"]))
+    cases.append(([grpc_text(), stop], {"max_tokens": 2}, ["stop", "UTF-8"]))
     for inputs, parameters, words in cases:
         with pytest.raises(InferenceServerException) as err:
             client.infer(server.model, inputs, headers=GRPC_AUTH, parameters=parameters)
         assert err.value.status() == "StatusCode.INVALID_ARGUMENT", err.value
         assert all(w in err.value.message() for w in words), err.value.message()
     with pytest.raises(InferenceServerException) as err:  # tritonclient's `timeout` (microseconds)
-        client.infer(server.model, [_grpc_text()], headers=GRPC_AUTH, timeout=-5, parameters={"max_tokens": 2})
+        client.infer(server.model, [grpc_text()], headers=GRPC_AUTH, timeout=-5, parameters={"max_tokens": 2})
     assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and "timeout" in err.value.message(), err.value
 
 
@@ -198,14 +192,6 @@ def test_rest_binary_invalid_utf8(server):
 
 
 # -- deadlines --------------------------------------------------------------------------------------------------
-def _quiet(server, timeout=5.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = server.stats()
-        if (stats["num_running"] == 0 and stats["num_waiting"] == 0) or time.monotonic() > deadline:
-            return stats
-
-
 LONG = 400  # tokens, ~2 s on the tiny model: far past a 0.2 s deadline
 
 
@@ -219,7 +205,7 @@ def _rejected(server) -> dict[str, float]:
 
 def test_deadlines_cut_requests_off_and_free_blocks(server):
     rejected = _rejected(server)
-    before = _quiet(server)
+    before = server.assert_idle()
     m = server.model
     started = time.monotonic()
     r = _post(server, f"/v2/models/{m}/generate", {"text_input": "Deadline", "max_tokens": LONG,
@@ -233,7 +219,7 @@ def test_deadlines_cut_requests_off_and_free_blocks(server):
     assert r.status_code == 504 and "timeout" in r.json()["error"], r.text
     with pytest.raises(InferenceServerException) as err:  # tritonclient's own `timeout`: microseconds
         grpcclient.InferenceServerClient(server.grpc_addr).infer(
-            m, [_grpc_text("Deadline")], headers=GRPC_AUTH, timeout=200_000,
+            m, [grpc_text("Deadline")], headers=GRPC_AUTH, timeout=200_000,
             parameters={"max_tokens": LONG, "ignore_eos": True})
     assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED", err.value
     # a stream that has started ends with the error as its last event
@@ -243,8 +229,7 @@ def test_deadlines_cut_requests_off_and_free_blocks(server):
     assert "timeout" in events[-1]["error"] and len(events) < LONG, events[-1]
     elapsed = time.monotonic() - started
     assert _rejected(server)["deadline"] - rejected["deadline"] == 5  # REST x3, gRPC, the stream
-    after = _quiet(server)
-    assert after["num_running"] == 0 and after["num_free_blocks"] == after["num_total_blocks"], after
+    after = server.assert_idle()
     generated = after["generation_tokens"] - before["generation_tokens"]
     assert generated < 5 * LONG // 2, f"{generated} tokens: the requests ran on after their deadlines"
     assert elapsed < 5 * 1.5, f"five 0.2 s deadlines took {elapsed:.1f}s"
@@ -285,7 +270,7 @@ def test_admission_bound(server):
                          r.json()["error"]["type"])
         grpc = grpcaio.InferenceServerClient(server.grpc_addr)
         try:
-            await grpc.infer(m, [_grpc_text("one more")], headers=GRPC_AUTH, parameters={"max_tokens": 2})
+            await grpc.infer(m, [grpc_text("one more")], headers=GRPC_AUTH, parameters={"max_tokens": 2})
             out["grpc"] = ("served",)
         except InferenceServerException as e:
             out["grpc"] = (e.status(), e.message())
@@ -314,8 +299,7 @@ def test_admission_bound(server):
         assert (status, retry_after, kind) == (429, "1", "rate_limit_exceeded"), (route, out[route])
     assert out["grpc"][0] == "StatusCode.RESOURCE_EXHAUSTED", out["grpc"]
     assert statuses == [200] * 4
-    stats = _quiet(server)
-    assert stats["num_free_blocks"] == stats["num_total_blocks"], stats
+    server.assert_idle()
 
 
 def test_burst_some_refused_rest_served(server):
@@ -343,6 +327,5 @@ def test_burst_some_refused_rest_served(server):
     for body in served:  # admitted requests ran to their end
         usage = body["usage"]
         assert usage["completion_tokens"] == 40, body
-    stats = _quiet(server)
-    assert stats["num_free_blocks"] == stats["num_total_blocks"], stats
+    server.assert_idle()
     server.assert_alive()

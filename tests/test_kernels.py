@@ -4,33 +4,17 @@ On CPU the kernels run in Triton's interpreter at tiny sizes; with a GPU the sam
 `gpu`-marked ones at real sizes (contexts up to 32k, bf16) and a CUDA-graph replay of the decode path.
 """
 import math
-import os
 
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    # Must precede the definition of any Triton kernel: triton.jit picks interpreter or compiler then
-    # (conftest.py sets it too, before any test module is collected).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# kernel_checks first: it switches Triton to its interpreter without CUDA, before any kernel is defined.
+from kernel_checks import DEVICE, DTYPES, HAS_CUDA, assert_close
+from kvserve.kernels import activation, attention, gemv, norm, ops, qkv_prep
+from kvserve.kernels import reference as ref
+from kvserve.kernels.metadata import AttentionMetadata
 
-from kvserve.kernels import activation, attention, gemv, norm, ops, qkv_prep  # noqa: E402
-from kvserve.kernels import reference as ref  # noqa: E402
-from kvserve.kernels.metadata import AttentionMetadata  # noqa: E402
-
-DEVICE = "cuda" if HAS_CUDA else "cpu"
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
-# bf16 arithmetic is wrong in the interpreter; the kernels upcast, but keep CPU runs to what numpy has.
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
-# Largest error allowed, relative to the largest reference value, against a reference computed in fp32.
-TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
-
-
-def assert_close(out: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(out.float(), expected.float(), atol=TOL[dtype] * max(scale, 1e-3),
-                               rtol=TOL[dtype])
 
 
 def make_batch(specs, num_q_heads, num_kv_heads, head_dim, block_size, dtype, seed=0, spare_blocks=3,
@@ -295,12 +279,6 @@ def test_gemv_feature_tiles(monkeypatch):
         assert_close(gemv.gemv(xi.to(DEVICE), w.to(DEVICE), **{a: (v[0].to(DEVICE), v[1]) if a == "norm" else v
                                                                for a, v in args.items()}),
                      (inp @ w.T).to(DEVICE), torch.float32)
-
-
-@pytest.fixture
-def backend():
-    yield ops.set_backend
-    ops.set_backend("auto")
 
 
 def test_ops_dispatch(backend, monkeypatch):

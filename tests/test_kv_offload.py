@@ -9,7 +9,6 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-import boto3
 import httpx
 import pytest
 import torch
@@ -18,6 +17,7 @@ from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file, save_file
 
+from fakes import S3_ENV_CLEARED, admin_client, s3_env
 from kvserve import LLM, SamplingParams
 from kvserve.adapters.metrics import EngineMetrics
 from kvserve.runtime.config import EngineConfig
@@ -118,20 +118,16 @@ def test_flushed_prefix_restored_from_cpu_then_from_disk_after_restart(tiny_mode
 
 # -- the remote tier on moto's S3 server ---------------------------------------------------------------------
 @pytest.fixture
-def s3_env(monkeypatch, tmp_path):
-    """The environment an S3 client reads, pointed (by the returned function) at a moto server's port."""
-    for name in ("AWS_ENDPOINT_URL_S3", "S3_ENDPOINT", "S3_USE_HTTPS", "S3_VERIFY_SSL", "AWS_CA_BUNDLE",
-                 "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ANONYMOUS_CREDENTIAL"):
+def s3_bucket(monkeypatch, tmp_path):
+    """Points the environment an S3 client reads (fakes.s3_env) at a moto server's port, by the returned
+    function, which also makes a fresh bucket there and returns a client straight to moto and the bucket."""
+    for name in S3_ENV_CLEARED:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
 
     def point_at(port: int):
-        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-        admin = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1")
+        for name, value in s3_env(f"http://127.0.0.1:{port}", tmp_path / "none").items():
+            monkeypatch.setenv(name, value)
+        admin = admin_client(port)
         bucket = f"kv-{uuid.uuid4().hex[:12]}"
         admin.create_bucket(Bucket=bucket)
         return admin, bucket
@@ -162,10 +158,10 @@ def wait_for_objects(admin, bucket: str, n: int, timeout: float = 60) -> list[st
 
 
 @pytest.mark.slow
-def test_two_servers_share_one_bucket(tiny_model, s3_env):
+def test_two_servers_share_one_bucket(tiny_model, s3_bucket):
     moto = moto_server()
     try:
-        admin, bucket = s3_env(moto.get_host_and_port()[1])
+        admin, bucket = s3_bucket(moto.get_host_and_port()[1])
         flags = ["--model_dir", tiny_model("llama"), "--model_name", "kv",
                  *engine_flags(max_model_len=1024, block_size=BS, kv_offload_remote=f"s3://{bucket}/replicas",
                                kv_offload_chunk_tokens=64, kv_offload_policy="always")]
@@ -193,12 +189,12 @@ def test_two_servers_share_one_bucket(tiny_model, s3_env):
         moto.stop()
 
 
-def test_remote_tier_going_down_mid_run(tiny_model, s3_env, caplog):
+def test_remote_tier_going_down_mid_run(tiny_model, s3_bucket, caplog):
     caplog.set_level(logging.INFO, logger=LOGGER)
     folder = tiny_model("llama")
     moto = moto_server()
     port = moto.get_host_and_port()[1]
-    admin, bucket = s3_env(port)
+    admin, bucket = s3_bucket(port)
     p, q = prompt(4, 300), prompt(5, 300)
     plain = LLM(folder, block_size=BS, num_gpu_blocks_override=128)
     want = {0: tokens(plain.generate(p, GREEDY)), 1: tokens(plain.generate(q, GREEDY))}

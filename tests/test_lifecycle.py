@@ -20,7 +20,6 @@ import threading
 import time
 
 import httpx
-import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
@@ -28,17 +27,11 @@ from tritonclient.utils import InferenceServerException
 from kvserve.runtime.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError, RequestTimeoutError
 from kvserve.runtime.config import EngineConfig
 from kvserve.runtime.sampling_params import SamplingParams
-from server import ENGINE, MODEL_DIR, REPO, Server, engine_flags, free_port, start_server
+from server import ENGINE, MODEL_DIR, REPO, Server, engine_flags, free_port, grpc_text, start_server
 
 GRACE = 8.0
 SHORT = 200  # tokens of the requests that must finish within the grace period (~1-2 s)
 LONG = 2000  # tokens of the one that cannot (~10 s and more)
-
-
-def _grpc_text(prompt):
-    inp = grpcclient.InferInput("text_input", [1], "BYTES")
-    inp.set_data_from_numpy(np.array([prompt], dtype=np.object_))
-    return inp
 
 
 # -- SIGTERM --------------------------------------------------------------------------------------------------------
@@ -71,7 +64,7 @@ def test_sigterm_drains_then_exits_zero():
                                                                "stream": True, **short}),
         "generate_stream": lambda: stream(f"/v2/models/{m}/generate_stream", {"text_input": "Drain stream", **short}),
         "grpc": lambda: grpcclient.InferenceServerClient(s.grpc_addr).infer(
-            m, [_grpc_text("Drain grpc")], parameters={**short, "temperature": 0.0}, client_timeout=120),
+            m, [grpc_text("Drain grpc")], parameters={**short, "temperature": 0.0}, client_timeout=120),
         "long": lambda: stream(f"/v2/models/{m}/generate_stream",
                                {"text_input": "Drain long", "max_tokens": LONG, "ignore_eos": True}),
     }
@@ -96,7 +89,7 @@ def test_sigterm_drains_then_exits_zero():
     assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"], r.text
     grpc = grpcclient.InferenceServerClient(s.grpc_addr)
     with pytest.raises(InferenceServerException) as err:
-        grpc.infer(m, [_grpc_text("late")], parameters={"max_tokens": 2})
+        grpc.infer(m, [grpc_text("late")], parameters={"max_tokens": 2})
     assert err.value.status() == "StatusCode.UNAVAILABLE", err.value
     assert not grpc.is_server_ready()
 
@@ -224,7 +217,7 @@ def test_dead_engine_turns_unready_and_answers_503(faulty):
     grpc = grpcclient.InferenceServerClient(faulty.grpc_addr)
     meta = {"authorization": f"Bearer {KEY}"}
     with pytest.raises(InferenceServerException) as err:
-        grpc.infer(m, [_grpc_text("after")], headers=meta, parameters={"max_tokens": 2})
+        grpc.infer(m, [grpc_text("after")], headers=meta, parameters={"max_tokens": 2})
     assert err.value.status() == "StatusCode.UNAVAILABLE", err.value
     assert not grpc.is_server_ready(headers=meta) and not grpc.is_server_live(headers=meta)
     log = faulty.log_tail(1_000_000)

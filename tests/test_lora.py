@@ -13,7 +13,7 @@ from kvserve import LLM, SamplingParams
 from kvserve.runtime.async_engine import AsyncEngine, EngineDeadError
 from kvserve.runtime.config import EngineConfig
 from kvserve.runtime.engine import Engine
-from tiny_models import ALL, explain_divergence, make_adapter
+from tiny_models import ALL, explain_divergence, make_adapter, random_prompts
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 POOL = 256  # KV blocks: plenty for these tests, and no 1 GiB default pool to allocate per engine
@@ -33,11 +33,6 @@ def run(engine: Engine, jobs: list[tuple[list[int], str | None]], params=GREEDY)
     return [done[i] for i in ids], widest
 
 
-def prompts(n, seed, lo=3, hi=30, vocab=384):
-    rng = random.Random(seed)
-    return [[rng.randrange(1, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
-
-
 @pytest.mark.parametrize("kind,r,rslora", [("llama", 8, False), ("llama", 16, True), ("qwen3", 16, False),
                                            ("qwen3", 8, True)])
 def test_greedy_matches_hf_peft(tiny_model, tmp_path, kind, r, rslora):
@@ -46,7 +41,7 @@ def test_greedy_matches_hf_peft(tiny_model, tmp_path, kind, r, rslora):
     # chunked prefill (budget 20) and a base-model request in the same steps
     llm = LLM(base, num_gpu_blocks_override=POOL, max_loras=2, max_lora_rank=16, lora_modules={"x": adapter},
               lora_allowed_roots=[str(tmp_path)], block_size=4, max_num_batched_tokens=20, max_num_seqs=8)
-    ps = prompts(4, seed=r, lo=10, hi=40)
+    ps = random_prompts(4, seed=r, lo=10, hi=40)
     assert max(map(len, ps)) > 20
     got, widest = run(llm.engine, [(p, "x") for p in ps] + [(ps[0], None)])
     assert widest == {"x"}
@@ -74,7 +69,7 @@ def test_eight_adapters_and_base_in_one_batch_match_solo_runs(tiny_model, tmp_pa
                 for i, t in enumerate(subsets)}
     engine = LLM(base, num_gpu_blocks_override=POOL, max_loras=8, max_lora_rank=16, lora_modules=adapters,
                  lora_allowed_roots=[str(tmp_path)], block_size=4, enable_prefix_caching=False).engine
-    ps = prompts(9, seed=7)
+    ps = random_prompts(9, seed=7)
     jobs = [(p, name) for p, name in zip(ps, [*adapters, None])]
     seen = []  # the order the runner gets: one adapter's tokens side by side, for the LoRA kernels' tiles
     run_step = engine.runner.run
@@ -94,7 +89,7 @@ def test_swapping_through_few_slots_under_concurrent_load(tiny_model, tmp_path):
     base = tiny_model("llama")
     names = [f"s{i}" for i in range(6)]
     paths = {n: make_adapter(base, tmp_path / n, r=8, seed=200 + i) for i, n in enumerate(names)}
-    ps = prompts(2, seed=11, lo=5, hi=12)
+    ps = random_prompts(2, seed=11, lo=5, hi=12)
     ref_engine = LLM(base, num_gpu_blocks_override=POOL, max_loras=1, lora_modules={"s0": paths["s0"]},
                      lora_allowed_roots=[str(tmp_path)]).engine
     solo = {}
@@ -151,7 +146,7 @@ def test_prefix_cache_is_keyed_by_adapter_and_its_content(tiny_model, tmp_path):
     llm = LLM(base, num_gpu_blocks_override=POOL, max_loras=2, block_size=4, lora_modules={"a": a, "b": b},
               lora_allowed_roots=[str(tmp_path)])
     engine = llm.engine
-    p = prompts(1, seed=3, lo=17, hi=17)[0]  # 4 full blocks and one more token
+    p = random_prompts(1, seed=3, lo=17, hi=17)[0]  # 4 full blocks and one more token
 
     def computed(lora):
         before = engine.computed_prompt_tokens
@@ -238,7 +233,7 @@ def test_triton_kernels_in_the_model_match_the_references(tiny_model, tmp_path):
     base = tiny_model("qwen3")
     a = make_adapter(base, tmp_path / "a", r=8, seed=1)
     b = make_adapter(base, tmp_path / "b", r=16, seed=2, targets=["q_proj", "v_proj", "up_proj", "down_proj"])
-    ps = prompts(3, seed=5, lo=5, hi=20)
+    ps = random_prompts(3, seed=5, lo=5, hi=20)
     jobs = [(ps[0], "a"), (ps[1], "b"), (ps[2], None), (ps[0], "b")]
     outs = {}
     for backend in ["torch", "triton"]:

@@ -3,39 +3,25 @@
 On CPU the kernels run in Triton's interpreter at tiny sizes; with a GPU the same tests run compiled, plus a
 CUDA-graph replay that reads new slot indices from the captured buffer.
 """
-import os
+import importlib
+import sys
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # Must precede the definition of any Triton kernel: triton.jit picks interpreter or compiler then.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# kernel_checks first: it switches Triton to its interpreter without CUDA, before any kernel is defined.
+from kernel_checks import DEVICE, DTYPES, HAS_CUDA, assert_close
+from kvserve.kernels import ops
+from kvserve.kernels import reference as ref
 
-import importlib  # noqa: E402
-import sys  # noqa: E402
-
-import pytest  # noqa: E402
-
-from kvserve.kernels import ops  # noqa: E402
-from kvserve.kernels import reference as ref  # noqa: E402
-
-if not torch.cuda.is_available() and "kvserve.kernels.lora" in sys.modules:
+if not HAS_CUDA and "kvserve.kernels.lora" in sys.modules:
     importlib.reload(sys.modules["kvserve.kernels.lora"])  # defined before the interpreter was switched on
 
 from kvserve.kernels import lora  # noqa: E402
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
-TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 SHARDS = {"qkv": [48, 16, 16], "gate_up": [40, 40], "single": [24]}
 # 37 tokens: two full tiles and a ragged one; runs of one adapter (prefill), alternation (decode), base tokens
 SLOTS = [0] * 9 + [-1] * 4 + [2, 1, 0, 1, 2, -1, 1] * 3 + [1] * 3
-
-
-def _close(out, expected, dtype):
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(out.float(), expected.float(), atol=TOL[dtype] * max(scale, 1e-3), rtol=TOL[dtype])
 
 
 def _adapters(shards, k=80, num_slots=3, rank=16, used_ranks=(16, 8, 4), dtype=torch.float32, seed=0):
@@ -87,7 +73,7 @@ def test_shrink_matches_reference(k, kind, dtype):
     assert h.dtype == torch.float32 and h.shape == (-(-k // lora.K_PER_SPLIT), len(SLOTS), len(shards) * 16)
     h, expected = h.sum(0), expected.sum(0)
     used = slots >= 0  # rows of base tokens are undefined in the kernel's output
-    _close(h[used], expected[used], dtype)
+    assert_close(h[used], expected[used], dtype)
     assert torch.equal(expected[~used], torch.zeros_like(expected[~used]))
 
 
@@ -102,7 +88,7 @@ def test_expand_matches_reference_and_leaves_base_rows(kind, dtype):
     out = lora.lora_expand(y, h, b, scale, slots, shards)
     assert out is y
     expected = ref.lora_expand_ref(before.clone(), h, b, scale, slots, shards)
-    _close(y, expected, dtype)
+    assert_close(y, expected, dtype)
     base = slots < 0
     assert torch.equal(y[base], before[base])  # base-model rows untouched, bit for bit
     assert not torch.allclose(y[~base].float(), before[~base].float())  # and the others really changed
@@ -118,19 +104,15 @@ def test_references_match_per_token_math(kind):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_ops_dispatch_round_trip(backend):
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_ops_dispatch_round_trip(name, backend):
     shards = SHARDS["qkv"]
     a, b, scale = _adapters(shards, k=300)
     x, y, slots = _inputs(k=300, n_out=sum(shards))
     expected = _per_token(x, y, a, b, scale, slots, shards)
-    old = ops.get_backend()
-    ops.set_backend(backend)
-    try:
-        ops.lora_expand(y, ops.lora_shrink(x, a, slots), b, scale, slots, shards)
-    finally:
-        ops.set_backend(old)
-    _close(y, expected, torch.float32)
+    backend(name)
+    ops.lora_expand(y, ops.lora_shrink(x, a, slots), b, scale, slots, shards)
+    assert_close(y, expected, torch.float32)
 
 
 def test_slot_buffer_is_read_at_call_time_and_empty_batch():
@@ -143,7 +125,7 @@ def test_slot_buffer_is_read_at_call_time_and_empty_batch():
     first = lora.lora_expand(y.clone(), lora.lora_shrink(x, a, slots), b, scale, slots, shards)
     slots.copy_(torch.tensor([2, -1, 0, 1], dtype=torch.int32))
     second = lora.lora_expand(y.clone(), lora.lora_shrink(x, a, slots), b, scale, slots, shards)
-    _close(second, _per_token(x, y, a, b, scale, slots, shards), torch.float32)
+    assert_close(second, _per_token(x, y, a, b, scale, slots, shards), torch.float32)
     assert not torch.allclose(first, second)
     empty = torch.empty(0, 80, device=DEVICE)
     h = lora.lora_shrink(empty, a, slots[:0])
@@ -171,4 +153,4 @@ def test_cuda_graph_replay_reads_new_slots():
     slots.copy_(torch.tensor(SLOTS, dtype=torch.int32))
     graph.replay()
     torch.cuda.synchronize()
-    _close(y, _per_token(x, y0, a, b, scale, slots, shards), torch.bfloat16)
+    assert_close(y, _per_token(x, y0, a, b, scale, slots, shards), torch.bfloat16)

@@ -19,6 +19,7 @@ PROMPTS = [list(range(20 + 7 * i, 20 + 7 * i + 5 + i)) for i in range(N)]  # dis
 def server(tiny_model):
     s = start_server(["--model_dir", tiny_model("qwen3"), "--model_name", MODEL,
                       *engine_flags(max_num_seqs=2, max_model_len=256)])
+    s.model = MODEL
     yield s
     s.stop()
 
@@ -68,6 +69,7 @@ def test_metrics_under_load(server):
     assert after[("vllm:num_requests_waiting", ())] == 0
     assert after[("vllm:num_requests_running", ())] == 0
     assert 0 <= after[("vllm:kv_cache_usage_perc", ())] <= 1
+    server.assert_idle(timeout=0)
 
     assert delta("vllm:request_success_total", finished_reason="length") == N
     assert delta("vllm:request_success_total", finished_reason="stop") == 0

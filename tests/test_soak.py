@@ -199,16 +199,6 @@ async def _run(soak: Soak, plans: list[dict]) -> None:
     await asyncio.gather(*[gated(p) for p in plans])
 
 
-def _settled(server, timeout=30.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = server.stats()
-        if (stats["num_running"] == 0 and stats["num_waiting"] == 0
-                and stats["num_free_blocks"] == stats["num_total_blocks"]) or time.monotonic() > deadline:
-            return stats
-        time.sleep(0.05)
-
-
 def test_soak(server):
     rng = random.Random(SEED)
     plans = [plan(rng, i) for i in range(TOTAL)]
@@ -219,7 +209,7 @@ def test_soak(server):
             grpc = grpcaio.InferenceServerClient(server.grpc_addr)
             soak = Soak(server, http, grpc)
             await _run(soak, plans[:WARMUP])
-            _settled(server)
+            server.assert_idle()
             warm = rss_kib(server.proc.pid)
             started = time.monotonic()
             await _run(soak, plans[WARMUP:])
@@ -229,7 +219,7 @@ def test_soak(server):
     started = time.monotonic()
     soak, warm, main_phase = asyncio.run(main())
     elapsed = time.monotonic() - started
-    stats = _settled(server)
+    stats = server.assert_idle()
     end = rss_kib(server.proc.pid)
     server.assert_alive()
     summary = {f"{mode}:{outcome}": n for (mode, outcome), n in sorted(soak.outcomes.items())}
@@ -241,7 +231,5 @@ def test_soak(server):
     for mode, outcome in (("valid", "served"), ("invalid", "refused"), ("disconnect", "left")):
         assert soak.outcomes[(mode, outcome)] > 0, summary  # each mix really happened
     assert soak.outcomes[("deadline", "timed out")] > 0, summary
-    assert stats["num_running"] == 0 and stats["num_waiting"] == 0, stats
-    assert stats["num_free_blocks"] == stats["num_total_blocks"], stats
     assert stats["running_loras"] == [] and stats["waiting_loras"] == [], stats
     assert end < warm * 1.10, f"RSS grew from {warm} KiB to {end} KiB"

@@ -2,6 +2,7 @@
 comparisons with transformers. Weights are drawn wide enough that logits are well separated: a greedy
 divergence then means a real bug, not a near-tie."""
 import os
+import random
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -27,6 +28,12 @@ SHAPES = {
                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128,
                     tie_word_embeddings=False, rope_theta=10000.0, sliding_window=None),
 }
+
+
+def random_prompts(n: int, seed: int, lo: int = 3, hi: int = 30, vocab: int = 384) -> list[list[int]]:
+    """`n` prompts of lo..hi random token ids (none is 0), the same for the same seed."""
+    rng = random.Random(seed)
+    return [[rng.randrange(1, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
 def build_tokenizer(folder: str, vocab_size: int = 384) -> PreTrainedTokenizerFast:
