@@ -28,4 +28,6 @@ def pdl(device: torch.device) -> bool:
     next projection's weight reads overlap the current kernel's tail."""
     if os.environ.get("KVSERVE_PDL", "1") == "0":  # off: each kernel's own duration shows in a profile
         return False
-    return device.type == "cuda" and not interpreting() and _pdl_device(torch.cuda.current_device() if device.index is None else device.index)
+    if device.type != "cuda" or interpreting():
+        return False
+    return _pdl_device(torch.cuda.current_device() if device.index is None else device.index)

@@ -381,10 +381,22 @@ def test_small_kernels_real_sizes():
     assert_close(out, out_ref, torch.bfloat16)
     check_qkv_prep(qkv_prep.qkv_prep, qkv_prep_case(t, 16, 8, d, torch.bfloat16, True, num_blocks=2048),
                    torch.bfloat16)
-    for n, k in [(4096, hidden), (hidden, 2048), (2 * inter, hidden), (hidden, inter)]:  # Qwen3-0.6B's projections
-        row = torch.randn(1, k, device=DEVICE, dtype=torch.bfloat16)
+    # Qwen3-0.6B's projections, plain and with what the batch-1 layer folds into each
+    nw = (1 + 0.1 * torch.randn(hidden, device=DEVICE)).to(torch.bfloat16)
+    for n, k, fused in [(4096, hidden, "norm"), (hidden, 2048, "residual"), (2 * inter, hidden, "norm"),
+                        (hidden, inter, "silu+residual")]:
+        row = torch.randn(1, 2 * k if "silu" in fused else k, device=DEVICE, dtype=torch.bfloat16)
         w = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16)
-        assert_close(gemv.gemv(row, w), row.float() @ w.float().T, torch.bfloat16)
+        res = torch.randn(1, n, device=DEVICE, dtype=torch.bfloat16) if "residual" in fused else None
+        if "silu" not in fused:
+            assert_close(gemv.gemv(row, w), row.float() @ w.float().T, torch.bfloat16)
+        inp = ref.rms_norm_ref(row, nw, 1e-6) if fused == "norm" else ref.silu_and_mul_ref(row) if "silu" in fused \
+            else row
+        want = inp.float() @ w.float().T
+        if res is not None:
+            want = want.to(torch.bfloat16).float() + res.float()
+        got = gemv.gemv(row, w, norm=(nw, 1e-6) if fused == "norm" else None, silu="silu" in fused, residual=res)
+        assert_close(got, want, torch.bfloat16)
     gate_up = torch.randn(t, 2 * inter, device=DEVICE, dtype=torch.bfloat16)
     assert_close(activation.silu_and_mul(gate_up), ref.silu_and_mul_ref(gate_up.float()), torch.bfloat16)
 
