@@ -8,6 +8,11 @@ from kvserve.runtime.block_manager import BlockManager
 from kvserve.runtime.config import EngineConfig
 from kvserve.runtime.sequence import Sequence, Status
 
+# Steps a waiting sequence may be passed over because its adapter has no free device slot. After that no
+# sequence of an adapter is admitted until one frees (base-model sequences still are): running adapters drain,
+# and steady traffic to them cannot starve it.
+MAX_LORA_SKIPS = 32
+
 
 class Scheduler:
     def __init__(self, config: EngineConfig, block_manager: BlockManager):
@@ -53,10 +58,16 @@ class Scheduler:
         # Admit new work only when nothing had to be preempted: blocks are short.
         loras = {s.request.lora for s in self.running} - {None} if self.max_loras else set()  # LoRA off: none
         skipped: list[Sequence] = []  # their adapter would need a device slot that running adapters hold
+        hold = False
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             lora = seq.request.lora
             if lora is not None and lora not in loras and len(loras) >= self.max_loras:
+                seq.lora_skips += 1
+                hold = hold or seq.lora_skips > MAX_LORA_SKIPS
+                skipped.append(self.waiting.popleft())
+                continue
+            if lora is not None and hold:  # an adapter waited too long: no more work for the running ones
                 skipped.append(self.waiting.popleft())
                 continue
             restored = 0

@@ -24,6 +24,7 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # hashes of the full blocks, in order
+    lora_skips: int = 0  # steps admission passed this sequence over for want of an adapter slot
     num_cached_blocks: int = 0  # leading blocks already registered in the prefix cache
     # detokenizer state
     text: str = ""

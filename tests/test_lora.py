@@ -10,6 +10,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from kvserve import LLM, SamplingParams
+from kvserve.runtime import scheduler
 from kvserve.runtime.async_engine import AsyncEngine, EngineDeadError
 from kvserve.runtime.config import EngineConfig
 from kvserve.runtime.engine import Engine
@@ -282,3 +283,36 @@ def test_async_load_unload_ordering(tiny_model, tmp_path):
     assert not eng.errored and eng.stats().num_running == 0
     with pytest.raises(EngineDeadError, match="shut down"):  # no loop runs the call: refused, not hung
         asyncio.run(asyncio.wait_for(eng.remove_lora("x"), 10))
+
+
+@pytest.mark.parametrize("max_skips", [scheduler.MAX_LORA_SKIPS, 10 ** 9])
+def test_an_adapter_waiting_for_a_slot_is_not_starved(tiny_model, tmp_path, monkeypatch, max_skips):
+    # One device slot, a steady stream of requests for adapter "a" (one new each step, each running a few
+    # steps), one request for "c". Passed over MAX_LORA_SKIPS times, "c" stops further "a" admissions until
+    # the slot frees; a base-model request still gets in meanwhile. With no limit (the control), "c" waits
+    # as long as "a" traffic lasts.
+    base = tiny_model("qwen3")
+    limit = scheduler.MAX_LORA_SKIPS
+    monkeypatch.setattr(scheduler, "MAX_LORA_SKIPS", max_skips)
+    adapters = {"a": make_adapter(base, tmp_path / "a"), "c": make_adapter(base, tmp_path / "c")}
+    engine = LLM(base, num_gpu_blocks_override=POOL, max_loras=1, lora_modules=adapters,
+                 lora_allowed_roots=[str(tmp_path)]).engine
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    finished_at = {}
+    for step in range(4 * limit):
+        engine.add_request([1, 2, 3, step % 50 + 4], params, f"a{step}", lora="a")
+        if step == 1:
+            engine.add_request([5, 6, 7], params, "c", lora="c")
+        if step == limit + 3:
+            engine.add_request([8, 9], params, "plain")
+        outputs, _ = engine.step()
+        finished_at.update((o.request_id, step) for o in outputs if o.finished)
+    if max_skips == 10 ** 9:
+        assert "c" not in finished_at
+    else:
+        assert limit < finished_at["c"] < 2 * limit
+        assert finished_at["plain"] < finished_at["c"]  # admitted while "a" drained
+        assert f"a{3 * limit}" in finished_at  # and "a" runs again after
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.scheduler.bm.num_free == POOL
