@@ -22,30 +22,28 @@ import triton.language as tl
 sys.path.insert(0, os.path.dirname(__file__))
 from common import copy_bandwidth  # noqa: E402
 
+# Memory orderings of the barrier's atomics: 0 the real barrier, 1 the diagnostic without ordering (may read
+# stale data), 2 no barrier (unused).
+SYNCS = [dict(ACQUIRE="acquire", RELEASE="release", ACQ_REL="acq_rel")] + [
+    dict(ACQUIRE="relaxed", RELEASE="relaxed", ACQ_REL="relaxed")] * 2
+
 
 @triton.jit
-def _grid_sync(bar_ptr, NP: tl.constexpr, MODE: tl.constexpr):
-    if MODE == 2:  # diagnostic: no barrier at all
+def _grid_sync(bar_ptr, NP: tl.constexpr, SYNC: tl.constexpr, ACQUIRE: tl.constexpr, RELEASE: tl.constexpr,
+               ACQ_REL: tl.constexpr):
+    """bar_ptr[0] counts arrivals, bar_ptr[1] is the generation the last arrival bumps. The orderings come from
+    the host (SYNCS): acquire/release for the real barrier, all relaxed for the diagnostic."""
+    if SYNC == 2:  # diagnostic: no barrier at all
         return
     tl.debug_barrier()
-    if MODE == 0:
-        gen = tl.atomic_add(bar_ptr + 1, 0, sem="acquire")
-        arrived = tl.atomic_add(bar_ptr, 1, sem="acq_rel")
-        if arrived == NP - 1:
-            tl.atomic_xchg(bar_ptr, 0, sem="relaxed")
-            tl.atomic_add(bar_ptr + 1, 1, sem="release")
-        else:
-            while tl.atomic_add(bar_ptr + 1, 0, sem="acquire") == gen:
-                pass
-    else:  # diagnostic: the same protocol without ordering (may read stale data)
-        gen = tl.atomic_add(bar_ptr + 1, 0, sem="relaxed")
-        arrived = tl.atomic_add(bar_ptr, 1, sem="relaxed")
-        if arrived == NP - 1:
-            tl.atomic_xchg(bar_ptr, 0, sem="relaxed")
-            tl.atomic_add(bar_ptr + 1, 1, sem="relaxed")
-        else:
-            while tl.atomic_add(bar_ptr + 1, 0, sem="relaxed") == gen:
-                pass
+    gen = tl.atomic_add(bar_ptr + 1, 0, sem=ACQUIRE)
+    arrived = tl.atomic_add(bar_ptr, 1, sem=ACQ_REL)
+    if arrived == NP - 1:
+        tl.atomic_xchg(bar_ptr, 0, sem="relaxed")
+        tl.atomic_add(bar_ptr + 1, 1, sem=RELEASE)
+    else:
+        while tl.atomic_add(bar_ptr + 1, 0, sem=ACQUIRE) == gen:
+            pass
     tl.debug_barrier()
 
 
@@ -64,35 +62,21 @@ def _wtile(ptr, layer, pid, i: tl.constexpr, j: tl.constexpr, N: tl.constexpr, K
 def _stream_tile(wq, wo, wgu, wd, layer, pid, S: tl.constexpr,
                  N0: tl.constexpr, K0: tl.constexpr, N1: tl.constexpr, K1: tl.constexpr,
                  N2: tl.constexpr, K2: tl.constexpr, N3: tl.constexpr, K3: tl.constexpr,
+                 T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, T3: tl.constexpr,
                  NP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, L: tl.constexpr):
-    """Tile S of this program's weight stream, counted from the start of `layer` (S may run into the next)."""
-    T0: tl.constexpr = ((N0 + NP - 1) // NP + BN - 1) // BN * (K0 // BK)
-    T1: tl.constexpr = ((N1 + NP - 1) // NP + BN - 1) // BN * (K1 // BK)
-    T2: tl.constexpr = ((N2 + NP - 1) // NP + BN - 1) // BN * (K2 // BK)
-    T3: tl.constexpr = ((N3 + NP - 1) // NP + BN - 1) // BN * (K3 // BK)
+    """Tile S of this program's weight stream, counted from the start of `layer` (S may run into the next);
+    T0..T3: the program's tiles in each projection."""
     TL: tl.constexpr = T0 + T1 + T2 + T3
-    if S >= TL:
-        return _phase_tile(wq, wo, wgu, wd, layer + 1, pid, S - TL, N0, K0, N1, K1, N2, K2, N3, K3, NP, BN, BK, L)
+    U: tl.constexpr = S % TL
+    layer = layer + S // TL
+    if U < T0:
+        return _wtile(wq, layer, pid, U // (K0 // BK), U % (K0 // BK), N0, K0, NP, BN, BK, L)
+    elif U < T0 + T1:
+        return _wtile(wo, layer, pid, (U - T0) // (K1 // BK), (U - T0) % (K1 // BK), N1, K1, NP, BN, BK, L)
+    elif U < T0 + T1 + T2:
+        return _wtile(wgu, layer, pid, (U - T0 - T1) // (K2 // BK), (U - T0 - T1) % (K2 // BK), N2, K2, NP, BN, BK, L)
     else:
-        return _phase_tile(wq, wo, wgu, wd, layer, pid, S, N0, K0, N1, K1, N2, K2, N3, K3, NP, BN, BK, L)
-
-
-@triton.jit
-def _phase_tile(wq, wo, wgu, wd, layer, pid, S: tl.constexpr,
-                N0: tl.constexpr, K0: tl.constexpr, N1: tl.constexpr, K1: tl.constexpr,
-                N2: tl.constexpr, K2: tl.constexpr, N3: tl.constexpr, K3: tl.constexpr,
-                NP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, L: tl.constexpr):
-    T0: tl.constexpr = ((N0 + NP - 1) // NP + BN - 1) // BN * (K0 // BK)
-    T1: tl.constexpr = ((N1 + NP - 1) // NP + BN - 1) // BN * (K1 // BK)
-    T2: tl.constexpr = ((N2 + NP - 1) // NP + BN - 1) // BN * (K2 // BK)
-    if S < T0:
-        return _wtile(wq, layer, pid, S // (K0 // BK), S % (K0 // BK), N0, K0, NP, BN, BK, L)
-    elif S < T0 + T1:
-        return _wtile(wo, layer, pid, (S - T0) // (K1 // BK), (S - T0) % (K1 // BK), N1, K1, NP, BN, BK, L)
-    elif S < T0 + T1 + T2:
-        return _wtile(wgu, layer, pid, (S - T0 - T1) // (K2 // BK), (S - T0 - T1) % (K2 // BK), N2, K2, NP, BN, BK, L)
-    else:
-        return _wtile(wd, layer, pid, (S - T0 - T1 - T2) // (K3 // BK), (S - T0 - T1 - T2) % (K3 // BK), N3, K3,
+        return _wtile(wd, layer, pid, (U - T0 - T1 - T2) // (K3 // BK), (U - T0 - T1 - T2) % (K3 // BK), N3, K3,
                       NP, BN, BK, L)
 
 
@@ -110,7 +94,8 @@ def _stream_kernel(wq, wo, wgu, wd, ln1, ln2, h_ptr, h2_ptr, qkv_ptr, gu_ptr, ba
                    N0: tl.constexpr, K0: tl.constexpr, N1: tl.constexpr, K1: tl.constexpr,
                    N2: tl.constexpr, K2: tl.constexpr, N3: tl.constexpr, K3: tl.constexpr,
                    NP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, L: tl.constexpr,
-                   SYNC: tl.constexpr):
+                   SYNC: tl.constexpr, ACQUIRE: tl.constexpr, RELEASE: tl.constexpr,
+                   ACQ_REL: tl.constexpr):
     pid = tl.program_id(0)
     R0: tl.constexpr = (N0 + NP - 1) // NP
     R1: tl.constexpr = (N1 + NP - 1) // NP
@@ -123,16 +108,17 @@ def _stream_kernel(wq, wo, wgu, wd, ln1, ln2, h_ptr, h2_ptr, qkv_ptr, gu_ptr, ba
     T0: tl.constexpr = RC0 * (K0 // BK)
     T1: tl.constexpr = RC1 * (K1 // BK)
     T2: tl.constexpr = RC2 * (K2 // BK)
+    T3: tl.constexpr = RC3 * (K3 // BK)
     zero = pid * 0
-    w0 = _stream_tile(wq, wo, wgu, wd, zero, pid, 0, N0, K0, N1, K1, N2, K2, N3, K3, NP, BN, BK, L)
-    w1 = _stream_tile(wq, wo, wgu, wd, zero, pid, 1, N0, K0, N1, K1, N2, K2, N3, K3, NP, BN, BK, L)
-    w2 = _stream_tile(wq, wo, wgu, wd, zero, pid, 2, N0, K0, N1, K1, N2, K2, N3, K3, NP, BN, BK, L)
-    w3 = _stream_tile(wq, wo, wgu, wd, zero, pid, 3, N0, K0, N1, K1, N2, K2, N3, K3, NP, BN, BK, L)
+    w0 = _stream_tile(wq, wo, wgu, wd, zero, pid, 0, N0, K0, N1, K1, N2, K2, N3, K3, T0, T1, T2, T3, NP, BN, BK, L)
+    w1 = _stream_tile(wq, wo, wgu, wd, zero, pid, 1, N0, K0, N1, K1, N2, K2, N3, K3, T0, T1, T2, T3, NP, BN, BK, L)
+    w2 = _stream_tile(wq, wo, wgu, wd, zero, pid, 2, N0, K0, N1, K1, N2, K2, N3, K3, T0, T1, T2, T3, NP, BN, BK, L)
+    w3 = _stream_tile(wq, wo, wgu, wd, zero, pid, 3, N0, K0, N1, K1, N2, K2, N3, K3, T0, T1, T2, T3, NP, BN, BK, L)
     k = tl.arange(0, BK)
     for layer in range(L):
         # phase 0: qkv = W_qkv norm(h)
         if layer > 0:
-            _grid_sync(bar_ptr, NP, SYNC)
+            _grid_sync(bar_ptr, NP, SYNC, ACQUIRE, RELEASE, ACQ_REL)
         x = _x_norm(h_ptr, ln1 + layer * K0, K0, eps)
         for i in tl.static_range(RC0):
             y = tl.sum(w0.to(tl.float32) * x[None, :], 1)
@@ -140,8 +126,8 @@ def _stream_kernel(wq, wo, wgu, wd, ln1, ln2, h_ptr, h2_ptr, qkv_ptr, gu_ptr, ba
             ok = (i * BN + tl.arange(0, BN) < R0) & (rows < N0)
             tl.store(qkv_ptr + rows, y.to(tl.bfloat16), mask=ok)
             w0, w1, w2, w3 = w1, w2, w3, _stream_tile(wq, wo, wgu, wd, layer, pid, i + 4, N0, K0, N1, K1, N2, K2,
-                                                      N3, K3, NP, BN, BK, L)
-        _grid_sync(bar_ptr, NP, SYNC)
+                                                      N3, K3, T0, T1, T2, T3, NP, BN, BK, L)
+        _grid_sync(bar_ptr, NP, SYNC, ACQUIRE, RELEASE, ACQ_REL)
         # phase 1: h2 = h + W_o qkv[:K1]
         for i in tl.static_range(RC1):
             acc = tl.zeros([BN], tl.float32)
@@ -149,12 +135,12 @@ def _stream_kernel(wq, wo, wgu, wd, ln1, ln2, h_ptr, h2_ptr, qkv_ptr, gu_ptr, ba
                 x = tl.load(qkv_ptr + j * BK + k, cache_modifier=".cg").to(tl.float32)
                 acc += tl.sum(w0.to(tl.float32) * x[None, :], 1)
                 w0, w1, w2, w3 = w1, w2, w3, _stream_tile(wq, wo, wgu, wd, layer, pid, T0 + i * (K1 // BK) + j + 4,
-                                                          N0, K0, N1, K1, N2, K2, N3, K3, NP, BN, BK, L)
+                                                          N0, K0, N1, K1, N2, K2, N3, K3, T0, T1, T2, T3, NP, BN, BK, L)
             rows = pid * R1 + i * BN + tl.arange(0, BN)
             ok = (i * BN + tl.arange(0, BN) < R1) & (rows < N1)
             res = tl.load(h_ptr + rows, mask=ok, cache_modifier=".cg").to(tl.float32)
             tl.store(h2_ptr + rows, (acc.to(tl.bfloat16).to(tl.float32) + res).to(tl.bfloat16), mask=ok)
-        _grid_sync(bar_ptr, NP, SYNC)
+        _grid_sync(bar_ptr, NP, SYNC, ACQUIRE, RELEASE, ACQ_REL)
         # phase 2: gu = W_gu norm(h2)
         x = _x_norm(h2_ptr, ln2 + layer * K2, K2, eps)
         for i in tl.static_range(RC2):
@@ -163,8 +149,8 @@ def _stream_kernel(wq, wo, wgu, wd, ln1, ln2, h_ptr, h2_ptr, qkv_ptr, gu_ptr, ba
             ok = (i * BN + tl.arange(0, BN) < R2) & (rows < N2)
             tl.store(gu_ptr + rows, y.to(tl.bfloat16), mask=ok)
             w0, w1, w2, w3 = w1, w2, w3, _stream_tile(wq, wo, wgu, wd, layer, pid, T0 + T1 + i + 4, N0, K0, N1, K1,
-                                                      N2, K2, N3, K3, NP, BN, BK, L)
-        _grid_sync(bar_ptr, NP, SYNC)
+                                                      N2, K2, N3, K3, T0, T1, T2, T3, NP, BN, BK, L)
+        _grid_sync(bar_ptr, NP, SYNC, ACQUIRE, RELEASE, ACQ_REL)
         # phase 3: h = h2 + W_d silu(g) u
         for i in tl.static_range(RC3):
             acc = tl.zeros([BN], tl.float32)
@@ -175,7 +161,7 @@ def _stream_kernel(wq, wo, wgu, wd, ln1, ln2, h_ptr, h2_ptr, qkv_ptr, gu_ptr, ba
                 acc += tl.sum(w0.to(tl.float32) * x[None, :], 1)
                 w0, w1, w2, w3 = w1, w2, w3, _stream_tile(wq, wo, wgu, wd, layer, pid,
                                                           T0 + T1 + T2 + i * (K3 // BK) + j + 4,
-                                                          N0, K0, N1, K1, N2, K2, N3, K3, NP, BN, BK, L)
+                                                          N0, K0, N1, K1, N2, K2, N3, K3, T0, T1, T2, T3, NP, BN, BK, L)
             rows = pid * R3 + i * BN + tl.arange(0, BN)
             ok = (i * BN + tl.arange(0, BN) < R3) & (rows < N3)
             res = tl.load(h2_ptr + rows, mask=ok, cache_modifier=".cg").to(tl.float32)
@@ -198,7 +184,7 @@ def run_config(ws, lns, h0, np_run, bn, nw, extra, interpret=False):
         h.copy_(h0)
         _stream_kernel[(np_run,)](wq, wo, wgu, wd, lns[0], lns[1], h, h2, qkv, gu, bar, 1e-6,
                                   *[d for s in shapes for d in s], NP=np_run, BN=bn, BK=bk, L=L,
-                                  SYNC=extra, num_warps=nw)
+                                  SYNC=extra, **SYNCS[extra], num_warps=nw)
     return run, h
 
 
