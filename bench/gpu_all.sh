@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU, in one call: GPU tests, kernel bench, throughput (W1), batch-1 latency,
 # LoRA throughput, KV offload.
-# Usage (repo root, on the GPU machine): bash bench/gpu_all.sh [tests|kernels|sweep|gemv|throughput|latency|profile|profile_lora|persistent|lora|offload ...]
+# Usage (repo root, on the GPU machine): bash bench/gpu_all.sh [tests|kernels|sweep|gemv|throughput|latency|profile|profile_lora|persistent|megakernel|lora|offload ...]
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 if [ -d .whl ]; then
@@ -29,5 +29,6 @@ for s in $steps; do
     profile) python3 bench/profile_decode.py ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.log" | grep -v Warn ;;
     profile_lora) python3 bench/profile_decode.py --batch 256 --lora 8 2>&1 | tee "$OUT/profile_lora.log" | grep -v Warn ;;
     persistent) python3 bench/persistent_stream.py 2>&1 | tee "$OUT/persistent.log" | grep -v Warn ;;
+    megakernel) python3 bench/megakernel_layers.py 2>&1 | tee "$OUT/megakernel.log" ;;
   esac
 done
