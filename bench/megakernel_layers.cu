@@ -30,7 +30,6 @@ typedef unsigned long long u64;
 #define NT (NW * 32)
 #define STAGE_BYTES 16384
 #define HID 1024
-#define QKV 4096
 #define QO 2048
 #define INTER 3072
 #define MAXCH 8
@@ -80,7 +79,6 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// N words per thread of a tagged vector: issue all loads, then spin on the stale ones.
 __device__ __forceinline__ uint4 ld_relaxed4(const u32* p) {
   uint4 v;
   asm volatile("ld.relaxed.gpu.global.v4.u32 {%0, %1, %2, %3}, [%4];"
@@ -136,7 +134,7 @@ __device__ __forceinline__ void ld_tagged(const u32* p, u32 tag, float* v, int c
   }
 }
 
-// Projections: input width K, rows per chunk R, chunks, bytes per chunk.
+// Per projection (qkv, o, gate/up, down): chunks, and bytes a chunk (gate/up: 4 gate rows + their 4 up rows).
 __device__ __constant__ int P_NCH[4] = {512, 256, 768, 512};
 __device__ __constant__ int P_BYTES[4] = {16384, 16384, 16384, 12288};
 

@@ -102,9 +102,9 @@ def main():
     layers = make(dev)
     x_in = torch.randn(HID, device=dev).bfloat16()
     expect = reference(layers, x_in)
-    floor_us = sum(t.numel() * 2 for t in layers[0][:4]) / copy_bandwidth() * 1e6
-    print(f"weights a layer {sum(t.numel() * 2 for t in layers[0][:4]) / 1e6:.2f} MB, floor {floor_us:.2f} us",
-          flush=True)
+    layer_bytes = sum(t.numel() * 2 for t in layers[0][:4])
+    floor_us = layer_bytes / copy_bandwidth() * 1e6
+    print(f"weights a layer {layer_bytes / 1e6:.2f} MB, floor {floor_us:.2f} us", flush=True)
     for variant in sys.argv[1:] or DEFAULT:
         try:
             run_variant(variant, layers, x_in, expect, floor_us)
